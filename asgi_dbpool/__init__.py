@@ -1,0 +1,29 @@
+"""asgi_dbpool: clean startup, observable pools and an ordered, loop-alive shutdown for ASGI apps on
+SQLAlchemy's asyncio engine (asyncpg)."""
+
+from __future__ import annotations
+
+from ._guard import is_closed_loop_error, is_shutting_down, mark_shutting_down, shutdown_tolerant
+from ._logfilter import ShutdownNoiseFilter
+from ._middleware import DBPoolMiddleware, StartupError
+from ._settings import ConfigError, PoolSettings, mask_url
+from ._stats import PoolStatsApp
+from ._tracker import PoolClosedError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DBPoolMiddleware",
+    "PoolClosedError",
+    "PoolSettings",
+    "PoolStatsApp",
+    "ShutdownNoiseFilter",
+    "StartupError",
+    "__version__",
+    "is_closed_loop_error",
+    "is_shutting_down",
+    "mark_shutting_down",
+    "mask_url",
+    "shutdown_tolerant",
+]

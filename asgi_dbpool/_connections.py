@@ -1,0 +1,118 @@
+"""In-flight HTTP requests and open WebSockets, counted so shutdown can drain and close them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ._types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("asgi_dbpool")
+
+#: Close code the middleware uses for WebSockets it closes at shutdown ("going away").
+GOING_AWAY = 1001
+
+
+class _WebSocket:
+    """One accepted WebSocket: the server's ``send`` and a way to interrupt the handler's ``receive``."""
+
+    __slots__ = ("closed", "closed_by_shutdown", "done", "interrupt", "send")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.closed = False
+        self.closed_by_shutdown = False
+        self.interrupt: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.done = asyncio.Event()
+
+
+class ConnectionTracker:
+    """Wraps each HTTP and WebSocket call of the app; knows what is still running."""
+
+    def __init__(self) -> None:
+        self.http_in_flight = 0
+        self._http_idle = asyncio.Event()
+        self._http_idle.set()
+        self.websockets: set[_WebSocket] = set()
+
+    async def http(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        self.http_in_flight += 1
+        self._http_idle.clear()
+        try:
+            await app(scope, receive, send)
+        finally:
+            self.http_in_flight -= 1
+            if not self.http_in_flight:
+                self._http_idle.set()
+
+    async def wait_http(self) -> None:
+        """Return when no HTTP request is in flight."""
+        await self._http_idle.wait()
+
+    async def websocket(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        ws: _WebSocket | None = None
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal ws
+            kind = message["type"]
+            if kind == "websocket.accept" and ws is None:
+                await send(message)
+                ws = _WebSocket(send)
+                self.websockets.add(ws)
+                return
+            if ws is not None and kind == "websocket.close":
+                if ws.closed:  # the middleware closed it already: closing is idempotent
+                    return
+                ws.closed = True
+            await send(message)
+
+        async def tracked_receive() -> Message:
+            if ws is None or ws.closed:
+                return await receive() if ws is None or not ws.closed_by_shutdown else _disconnect()
+            pending = asyncio.ensure_future(receive())
+            await asyncio.wait((pending, ws.interrupt), return_when=asyncio.FIRST_COMPLETED)
+            if pending.done():
+                message = pending.result()
+                if message["type"] == "websocket.disconnect":
+                    ws.closed = True
+                return message
+            pending.cancel()
+            return _disconnect()
+
+        try:
+            await app(scope, tracked_receive, tracked_send)
+        except Exception as exc:
+            if ws is None or not ws.closed_by_shutdown:
+                raise
+            # The handler only failed because shutdown closed its socket (e.g. WebSocketDisconnect).
+            logger.debug("asgi_dbpool: WebSocket handler ended by shutdown with %r", exc)
+        finally:
+            if ws is not None:
+                self.websockets.discard(ws)
+                ws.done.set()
+
+    async def close_websockets(self) -> tuple[int, list[asyncio.Event]]:
+        """Close every open WebSocket with 1001 (idempotent) and interrupt its handler's ``receive``.
+
+        Returns how many were closed here and the events that are set once each handler returned.
+        """
+        closed = 0
+        waits = []
+        for ws in list(self.websockets):
+            ws.closed_by_shutdown = True
+            waits.append(ws.done)
+            if not ws.closed:
+                ws.closed = True
+                try:
+                    await ws.send({"type": "websocket.close", "code": GOING_AWAY, "reason": "server shutting down"})
+                    closed += 1
+                except Exception as exc:  # the server closed it first (uvicorn does, with 1012)
+                    logger.debug("asgi_dbpool: WebSocket already closed by the server: %r", exc)
+            if not ws.interrupt.done():
+                ws.interrupt.set_result(None)
+        return closed, waits
+
+
+def _disconnect() -> dict[str, Any]:
+    return {"type": "websocket.disconnect", "code": GOING_AWAY}

@@ -1,0 +1,113 @@
+"""The process-wide shutdown flag and the narrow closed-loop guard built on it."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import types
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+logger = logging.getLogger("asgi_dbpool")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+D = TypeVar("D")
+
+_shutting_down = False
+
+#: Messages that mean "the event loop is gone", as asyncio and asyncpg word them.
+CLOSED_LOOP_MARKERS = ("event loop is closed", "loop is closed")
+
+
+def is_shutting_down() -> bool:
+    """Return True once a ``DBPoolMiddleware`` in this process has begun its shutdown.
+
+    The flag is set as the very first step of the shutdown sequence, stays set after the
+    shutdown (garbage collected leftovers are judged by it) and is cleared when a middleware
+    starts up again.
+    """
+    return _shutting_down
+
+
+def mark_shutting_down() -> None:
+    """Set the process-wide shutdown flag (the middleware calls this; so may a custom server)."""
+    global _shutting_down
+    _shutting_down = True
+
+
+def clear_shutting_down() -> None:
+    """Clear the process-wide shutdown flag (done by the middleware at startup)."""
+    global _shutting_down
+    _shutting_down = False
+
+
+def is_closed_loop_error(exc: BaseException) -> bool:
+    """True for a ``RuntimeError`` whose message says the event loop is closed."""
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    return any(marker in text for marker in CLOSED_LOOP_MARKERS)
+
+
+class shutdown_tolerant(Generic[D]):  # noqa: N801 - used as a decorator, named like one
+    """Turn a closed-loop ``RuntimeError`` into ``default``, but only while shutting down.
+
+    As a decorator for ``async def`` functions::
+
+        @shutdown_tolerant(default=None)
+        async def get_user(session, user_id): ...
+
+    or as an async context manager (the block is left early and the error is dropped)::
+
+        async with shutdown_tolerant():
+            await session.commit()
+
+    Every other exception, and the same ``RuntimeError`` outside a shutdown, is re-raised.
+    """
+
+    def __init__(self, default: D = None) -> None:  # type: ignore[assignment]
+        self.default = default
+
+    @overload
+    def __call__(self, func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T | D]]: ...
+
+    @overload
+    def __call__(self, func: Any) -> Any: ...
+
+    def __call__(self, func: Any) -> Any:
+        if not inspect.iscoroutinefunction(func):
+            raise TypeError(
+                f"shutdown_tolerant decorates async functions only, got {func!r}; wrap the sync call site instead."
+            )
+
+        @functools.wraps(func)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await func(*args, **kwargs)
+            except RuntimeError as exc:
+                if not self._tolerates(exc):
+                    raise
+                logger.debug("%s: ignored %r during shutdown; returning %r", func.__qualname__, exc, self.default)
+                return self.default
+
+        return wrapper
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> bool:
+        if exc is None or not self._tolerates(exc):
+            return False
+        logger.debug("ignored %r during shutdown", exc)
+        return True
+
+    @staticmethod
+    def _tolerates(exc: BaseException) -> bool:
+        return is_shutting_down() and is_closed_loop_error(exc)

@@ -1,0 +1,124 @@
+"""Driving the wrapped app's lifespan from inside the middleware's own lifespan conversation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Literal
+
+from ._types import ASGIApp, Message, Scope
+
+logger = logging.getLogger("asgi_dbpool")
+
+Outcome = Literal["complete", "failed", "unsupported", "timeout", "not running"]
+
+
+class InnerLifespan:
+    """Runs ``app``'s lifespan in a task and speaks the server's side of the protocol to it.
+
+    An app that raises or returns before answering ``lifespan.startup`` does not support the protocol
+    (as uvicorn's ``lifespan="auto"`` judges it); the middleware's own startup and shutdown still run.
+    """
+
+    def __init__(self, app: ASGIApp, scope: Scope) -> None:
+        self.app = app
+        self.scope = scope
+        self.task: asyncio.Task[None] | None = None
+        self.startup: tuple[Outcome, str] | None = None
+        self.shutdown_answer: tuple[Outcome, str] | None = None
+        self._started = asyncio.Event()
+        self._shutdown_requested = asyncio.Event()
+        self._shutdown_answered = asyncio.Event()
+        self._receives = 0
+
+    async def start(self) -> tuple[Outcome, str]:
+        """Send ``lifespan.startup``; return how the app answered."""
+        self.task = asyncio.create_task(self._run(), name="asgi_dbpool: wrapped app lifespan")
+        await self._started.wait()
+        assert self.startup is not None
+        return self.startup
+
+    async def stop(self, timeout: float) -> tuple[Outcome, str]:
+        """Send ``lifespan.shutdown`` and wait up to ``timeout`` for the answer and for the app to return."""
+        if self.task is None or self.task.done() or self.startup is None or self.startup[0] != "complete":
+            return ("not running", "")
+        self._shutdown_requested.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._shutdown_answered.wait()
+                await asyncio.shield(self.task)
+        except TimeoutError:
+            self.cancel()
+            return ("timeout", "the wrapped app's lifespan shutdown did not finish in time")
+        except Exception:  # the task's own exception is judged in _run
+            pass
+        return self.shutdown_answer or ("complete", "")
+
+    def cancel(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    async def _receive(self) -> Message:
+        self._receives += 1
+        if self._receives == 1:
+            return {"type": "lifespan.startup"}
+        if self._receives == 2:
+            await self._shutdown_requested.wait()
+            return {"type": "lifespan.shutdown"}
+        await asyncio.Event().wait()  # the conversation is over; block like a server would
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _send(self, message: Message) -> None:
+        kind = message.get("type")
+        if kind in ("lifespan.startup.complete", "lifespan.startup.failed") and self.startup is None:
+            self.startup = ("complete", "") if kind.endswith("complete") else ("failed", str(message.get("message", "")))
+            self._started.set()
+        elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed") and self._shutdown_requested.is_set():
+            if self.shutdown_answer is None:
+                failed = kind.endswith("failed")
+                self.shutdown_answer = ("failed", str(message.get("message", ""))) if failed else ("complete", "")
+                self._shutdown_answered.set()
+        else:
+            raise RuntimeError(f"asgi_dbpool: unexpected lifespan message {kind!r} from the wrapped app at this point.")
+
+    async def _run(self) -> None:
+        try:
+            await self.app(self.scope, self._receive, self._send)
+        except Exception as exc:
+            self._judge(exc)
+        finally:
+            if self.startup is None:
+                self.startup = ("unsupported", "it returned without answering lifespan.startup")
+            if self.startup[0] == "unsupported":
+                logger.info("asgi_dbpool: the wrapped app does not use the lifespan protocol (%s)", self.startup[1])
+            self._started.set()
+            if self._shutdown_requested.is_set() and self.shutdown_answer is None:
+                self.shutdown_answer = ("complete", "")
+            self._shutdown_answered.set()
+
+    def _judge(self, exc: BaseException) -> None:
+        summary = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        if self.startup is None:
+            # Raising before reading the first message is how lifespan-less apps react to the scope; raising
+            # after reading it is a startup that crashed.
+            self.startup = ("failed", summary) if self._receives else ("unsupported", summary)
+        elif self._shutdown_requested.is_set() and self.shutdown_answer is None:
+            self.shutdown_answer = ("failed", summary)
+        elif self.startup[0] == "complete" and not self._shutdown_requested.is_set():
+            logger.error("asgi_dbpool: the wrapped app's lifespan raised while running", exc_info=exc)
+        else:
+            logger.debug("asgi_dbpool: the wrapped app's lifespan raised after answering: %r", exc)
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line (server log parsers and humans both want that)."""
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def describe_task(task: asyncio.Task[Any]) -> str:
+    coro = task.get_coro()
+    where = getattr(coro, "__qualname__", type(coro).__name__)
+    return f"{task.get_name()} ({where})"

@@ -1,0 +1,106 @@
+"""Demote the known shutdown noise to DEBUG, only while shutting down: a safety net, not the fix."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+from ._guard import is_shutting_down
+from ._tracker import PoolClosedError
+
+#: Loggers the filter is attached to; logger filters are not inherited, so each pool logger is named.
+DEFAULT_LOGGERS = (
+    "sqlalchemy.pool",
+    "sqlalchemy.pool.base",
+    "sqlalchemy.pool.impl.AsyncAdaptedQueuePool",
+    "sqlalchemy.pool.impl.QueuePool",
+    "sqlalchemy.pool.impl.NullPool",
+    "asyncio",
+)
+
+_EXPECTED = ("event loop is closed", "loop is closed", "connection._cancel' was never awaited")
+_NEVER = "attached to a different loop"
+
+
+def _exception_chain(record: logging.LogRecord) -> list[BaseException]:
+    chain: list[BaseException] = []
+    exc = record.exc_info[1] if record.exc_info else None
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
+def is_shutdown_noise(record: logging.LogRecord) -> bool:
+    """True for a record that only says the loop went away during shutdown (never a loop mix-up)."""
+    chain = _exception_chain(record)
+    text = "\n".join([record.getMessage(), *(f"{type(e).__name__}: {e}" for e in chain)]).lower()
+    if _NEVER in text:
+        return False
+    # A background task that outlived shutdown and was refused a connection is reported by asyncio as
+    # "Task exception was never retrieved": expected once the engines are closed.
+    return any(marker in text for marker in _EXPECTED) or any(isinstance(e, PoolClosedError) for e in chain)
+
+
+class ShutdownNoiseFilter(logging.Filter):
+    """A logging filter that demotes shutdown noise to DEBUG while :func:`is_shutting_down` is true.
+
+    Before shutdown the same records are real bugs and keep their level; ``attached to a different
+    loop`` always keeps its level. A demoted record is dropped unless its logger has DEBUG enabled.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno <= logging.DEBUG or not is_shutting_down() or not is_shutdown_noise(record):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+_installed: list[tuple[logging.Logger, ShutdownNoiseFilter]] = []
+_original_showwarning: Any = None
+
+
+def _showwarning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    text = str(message).lower()
+    if is_shutting_down() and issubclass(category, RuntimeWarning) and "was never awaited" in text and "_cancel" in text:
+        logging.getLogger("asgi_dbpool").debug("demoted during shutdown: %s (%s:%s)", message, filename, lineno)
+        return
+    _original_showwarning(message, category, filename, lineno, file, line)
+
+
+def install(extra_loggers: Iterable[str] = ()) -> None:
+    """Attach the filter to the pool loggers (idempotent) and route the asyncpg warning through it."""
+    global _original_showwarning
+    existing = [name for name in logging.root.manager.loggerDict if name.startswith("sqlalchemy.pool")]
+    names = {*DEFAULT_LOGGERS, *existing, *extra_loggers}
+    have = {lg.name for lg, _ in _installed}
+    for name in sorted(names - have):
+        lg = logging.getLogger(name)
+        flt = ShutdownNoiseFilter()
+        lg.addFilter(flt)
+        _installed.append((lg, flt))
+    if _original_showwarning is None:
+        _original_showwarning = warnings.showwarning
+        warnings.showwarning = _showwarning
+
+
+def uninstall() -> None:
+    """Remove everything :func:`install` added."""
+    global _original_showwarning
+    while _installed:
+        lg, flt = _installed.pop()
+        lg.removeFilter(flt)
+    if _original_showwarning is not None:
+        if warnings.showwarning is _showwarning:
+            warnings.showwarning = _original_showwarning
+        _original_showwarning = None
+

@@ -1,0 +1,240 @@
+"""``DBPoolMiddleware``: the pure-ASGI wrapper that owns the database lifecycle of an app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from . import _logfilter, _shutdown
+from ._connections import ConnectionTracker
+from ._guard import clear_shutting_down, mark_shutting_down
+from ._lifespan import InnerLifespan, one_line
+from ._monitor import PoolMonitor
+from ._settings import mask_url
+from ._stats import PoolStatsApp, route_path
+from ._tracker import PoolTracker, name_engines, tracker_for
+from ._types import STATE_KEY, ASGIApp, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+logger = logging.getLogger("asgi_dbpool")
+
+DEFAULT_STATS_PATH = "/api/system/database/pool"
+
+
+class StartupError(RuntimeError):
+    """A database could not be reached at startup (the message is the one line the server shows)."""
+
+
+class DBPoolMiddleware:
+    """Wrap an ASGI app so its database engines start checked, stay observable and close in order.
+
+    ``engine`` is an :class:`AsyncEngine` or a mapping of names to engines (the first is the default).
+    See the README for the shutdown sequence; every wait in it is bounded by ``shutdown_timeout``.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        engine: AsyncEngine | Mapping[str, AsyncEngine],
+        *,
+        sync_engines: Iterable[Engine] = (),
+        stats_path: str | None = DEFAULT_STATS_PATH,
+        stats_token: str | None = None,
+        monitor_interval: float = 60.0,
+        shutdown_timeout: float = 10.0,
+        startup_timeout: float = 10.0,
+        install_log_filter: bool = True,
+    ) -> None:
+        self.app = app
+        for option, value in (
+            ("monitor_interval", monitor_interval),
+            ("shutdown_timeout", shutdown_timeout),
+            ("startup_timeout", startup_timeout),
+        ):
+            if not (isinstance(value, int | float) and value > 0):
+                raise ValueError(f"asgi_dbpool: {option}={value!r} must be a positive number of seconds.")
+        if stats_path is not None and (not stats_path.startswith("/") or stats_path.rstrip("/") == ""):
+            raise ValueError(f"asgi_dbpool: stats_path={stats_path!r} must start with '/' and not be '/'; or pass None.")
+        named = name_engines(engine)
+        for name, value in named.items():
+            if not isinstance(value, AsyncEngine):
+                raise TypeError(f"asgi_dbpool: engine {name!r} must be an AsyncEngine, got {value!r}.")
+        self.engines: dict[str, AsyncEngine] = named
+        self.trackers = [tracker_for(eng, name) for name, eng in named.items()]
+        self.sync_trackers = [tracker_for(eng, f"sync:{i}") for i, eng in enumerate(sync_engines)]
+        self.sessionmakers = {name: async_sessionmaker(eng, expire_on_commit=False) for name, eng in named.items()}
+        self.shutdown_timeout = float(shutdown_timeout)
+        self.startup_timeout = float(startup_timeout)
+        self.install_log_filter = install_log_filter
+        self.stats_path = None if stats_path is None else stats_path.rstrip("/")
+        self.stats_app = PoolStatsApp(named, token=stats_token, shutting_down=lambda: self.shutting_down)
+        self.monitor = PoolMonitor(self.trackers, monitor_interval, stopped=lambda: self.shutting_down)
+        self.connections = ConnectionTracker()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.shutting_down = False
+        self._monitor_task: asyncio.Task[None] | None = None
+
+    # -- public helpers ----------------------------------------------------------------------------
+    def sessionmaker(self, name: str | None = None) -> async_sessionmaker[AsyncSession]:
+        """The ``async_sessionmaker`` of engine ``name`` (default: the first engine)."""
+        if name is None:
+            return next(iter(self.sessionmakers.values()))
+        try:
+            return self.sessionmakers[name]
+        except KeyError:
+            raise KeyError(f"asgi_dbpool: no engine named {name!r}; known: {sorted(self.sessionmakers)}.") from None
+
+    def register_task(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        """Have shutdown cancel and await ``task`` (step 4), before the app's own shutdown runs."""
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def all_trackers(self) -> list[PoolTracker]:
+        return [*self.trackers, *self.sync_trackers]
+
+    # -- ASGI --------------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http" or kind == "websocket":
+            if self.stats_path is not None:
+                path = route_path(scope)
+                if path == self.stats_path or path.startswith(self.stats_path + "/"):
+                    root = scope.get("root_path", "") + self.stats_path
+                    await self.stats_app({**scope, "root_path": root, "path": root + path[len(self.stats_path) :]},
+                                         receive, send)
+                    return
+            state = scope.get("state")
+            if state is None:
+                scope["state"] = {STATE_KEY: self}
+            elif STATE_KEY not in state:
+                state[STATE_KEY] = self
+            if kind == "http":
+                if self.shutting_down:
+                    await _refuse_http(send)
+                else:
+                    await self.connections.http(self.app, scope, receive, send)
+            elif self.shutting_down:
+                await send({"type": "websocket.close", "code": 1001})
+            else:
+                await self.connections.websocket(self.app, scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] != "lifespan.startup":  # pragma: no cover - a server bug
+            raise RuntimeError(f"asgi_dbpool: expected lifespan.startup, got {message['type']!r}.")
+        state = scope.get("state")
+        if state is not None:
+            state[STATE_KEY] = self
+        inner: InnerLifespan | None = None
+        try:
+            try:
+                await self._startup()
+            except StartupError as exc:
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            inner = InnerLifespan(self.app, scope)
+            outcome, detail = await inner.start()
+            if outcome == "failed":
+                await _shutdown.close_engines(self, _shutdown.Budget(self.shutdown_timeout))
+                await send({"type": "lifespan.startup.failed", "message": detail})
+                return
+            await send({"type": "lifespan.startup.complete"})
+            message = await receive()
+        except asyncio.CancelledError:
+            await _shutdown.force_close(self, inner)
+            raise
+        if message["type"] != "lifespan.shutdown":  # pragma: no cover - a server bug
+            logger.warning("asgi_dbpool: expected lifespan.shutdown, got %r; shutting down anyway", message["type"])
+        outcome, detail = await _shutdown.shutdown(self, inner)
+        if outcome == "failed":
+            await send({"type": "lifespan.shutdown.failed", "message": detail})
+        else:
+            await send({"type": "lifespan.shutdown.complete"})
+
+    async def _startup(self) -> None:
+        clear_shutting_down()
+        self.shutting_down = False
+        for tracker in self.all_trackers():
+            tracker.reopen()
+        for tracker in self.all_trackers():
+            try:
+                async with asyncio.timeout(self.startup_timeout):
+                    await _ping(tracker)
+            except Exception as exc:
+                await _dispose_quietly(self.all_trackers())
+                cause = f"timed out after {self.startup_timeout:g}s" if isinstance(exc, TimeoutError) else one_line(exc)
+                raise StartupError(
+                    f"asgi_dbpool: cannot reach database {tracker.name!r} at {mask_url(tracker.engine.url)}: {cause}"
+                ) from exc
+        if self.install_log_filter:
+            _logfilter.install(_pool_logger_names(self.all_trackers()))
+        self._monitor_task = asyncio.create_task(self.monitor.run(), name="asgi_dbpool: pool monitor")
+        logger.info("asgi_dbpool: %d engine(s) reachable; pool monitor started", len(self.all_trackers()))
+
+    def _enter_shutdown(self) -> None:
+        self.shutting_down = True
+        mark_shutting_down()
+
+    def _own_tasks(self) -> list[asyncio.Task[Any]]:
+        return [] if self._monitor_task is None else [self._monitor_task]
+
+
+async def _ping(tracker: PoolTracker) -> None:
+    if tracker.async_engine is not None:
+        async with tracker.async_engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    else:
+
+        def ping() -> None:
+            with tracker.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+
+        await asyncio.to_thread(ping)
+
+
+async def _dispose_quietly(trackers: list[PoolTracker]) -> None:
+    for tracker in trackers:
+        try:
+            if tracker.async_engine is not None:
+                await tracker.async_engine.dispose()
+            else:
+                await asyncio.to_thread(tracker.engine.dispose)
+        except Exception as exc:  # the database is down; nothing is open to close
+            logger.debug("asgi_dbpool: dispose after failed startup: %r", exc)
+
+
+def _pool_logger_names(trackers: list[PoolTracker]) -> list[str]:
+    names = []
+    for tracker in trackers:
+        lg: Any = tracker.engine.pool.logger
+        names.append(getattr(lg, "logger", lg).name)
+    return names
+
+
+async def _refuse_http(send: Send) -> None:
+    body = b'{"detail":"the server is shutting down"}'
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+                (b"retry-after", b"1"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

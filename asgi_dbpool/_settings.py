@@ -1,0 +1,192 @@
+"""Pool settings read from the ``DB_*`` environment variables, with the report's profile defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.engine import URL, make_url
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+
+class ConfigError(ValueError):
+    """A setting has a value asgi_dbpool cannot use; the message names the variable and the value."""
+
+
+#: (production, development) defaults, from the problem report's table.
+PROFILES: dict[str, dict[str, Any]] = {
+    "production": {"pool_size": 30, "max_overflow": 40, "pool_timeout": 30.0, "pool_recycle": 1800},
+    "development": {"pool_size": 10, "max_overflow": 20, "pool_timeout": 30.0, "pool_recycle": 3600},
+}
+COMMON_DEFAULTS: dict[str, Any] = {"pool_pre_ping": True, "query_timeout": 30.0}
+
+MAX_CONNECTIONS = 10_000  # no PostgreSQL server takes more from one process
+MAX_SECONDS = 7 * 24 * 3600.0
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+_ASYNC_DRIVERS = frozenset({"postgresql", "postgres", "postgresql+asyncpg"})
+_SYNC_DRIVERS = frozenset({"postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg", "postgresql+pg8000"})
+
+
+def mask_url(url: str | URL) -> str:
+    """Render a database URL with its password hidden (``***``); unparsable input is not echoed."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # make_url raises several types for malformed input
+        return "<unparsable URL>"
+
+
+def _int(name: str, raw: str, *, minimum: int, maximum: int = MAX_CONNECTIONS) -> int:
+    text = raw.strip()
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number; set it to an integer from {minimum} to {maximum}.") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name}={raw!r} is out of range; set it to an integer from {minimum} to {maximum}.")
+    return value
+
+
+def _seconds(name: str, raw: str, *, allow_zero: bool) -> float:
+    text = raw.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds; set it to e.g. 30 or 2.5.") from None
+    low = 0.0 if allow_zero else math.ulp(0.0)
+    if not (math.isfinite(value) and low <= value <= MAX_SECONDS):
+        bound = "0 (off)" if allow_zero else "a positive number"
+        raise ConfigError(f"{name}={raw!r} is out of range; set it to {bound} up to {MAX_SECONDS:g} seconds.")
+    return value
+
+
+def _bool(name: str, raw: str) -> bool:
+    text = raw.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean; use true/false, 1/0, yes/no or on/off.")
+
+
+def _url(name: str, raw: str, drivers: frozenset[str]) -> str:
+    try:
+        url = make_url(raw.strip())
+    except Exception as exc:  # make_url raises several types for malformed input
+        raise ConfigError(f"{name}={mask_url(raw)!r} is not a database URL; use postgresql+asyncpg://user:pass@host/db.") from exc
+    if url.drivername not in drivers:
+        raise ConfigError(
+            f"{name}={mask_url(url)!r} uses the unsupported scheme {url.drivername!r}; use one of {sorted(drivers)}."
+        )
+    return raw.strip()
+
+
+def _environment(raw: str) -> str:
+    text = raw.strip().lower()
+    if not text or not all(ch.isalnum() or ch in "-_." for ch in text) or len(text) > 64:
+        raise ConfigError(f"ENVIRONMENT={raw!r} is not an environment name; use e.g. production or development.")
+    return text
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PoolSettings:
+    """Pool options, validated; build them with :meth:`from_env` or directly."""
+
+    environment: str = "development"
+    pool_size: int = PROFILES["development"]["pool_size"]
+    max_overflow: int = PROFILES["development"]["max_overflow"]
+    pool_timeout: float = PROFILES["development"]["pool_timeout"]
+    pool_recycle: int = PROFILES["development"]["pool_recycle"]  # 0 turns recycling off
+    pool_pre_ping: bool = True
+    query_timeout: float = 30.0  # asyncpg's command_timeout; 0 turns it off
+    async_database_url: str | None = None
+    database_url: str | None = None
+
+    def __post_init__(self) -> None:
+        # Re-validate typed values through the same parsers the environment goes through.
+        _int("pool_size", str(self.pool_size), minimum=1)
+        _int("max_overflow", str(self.max_overflow), minimum=0)
+        _int("pool_recycle", str(self.pool_recycle), minimum=0, maximum=int(MAX_SECONDS))
+        _seconds("pool_timeout", str(self.pool_timeout), allow_zero=False)
+        _seconds("query_timeout", str(self.query_timeout), allow_zero=True)
+        if self.async_database_url is not None:
+            _url("async_database_url", self.async_database_url, _ASYNC_DRIVERS)
+        if self.database_url is not None:
+            _url("database_url", self.database_url, _ASYNC_DRIVERS | _SYNC_DRIVERS)
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment == "production"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PoolSettings:
+        """Read ``ENVIRONMENT``, ``DB_*``, ``ASYNC_DATABASE_URL`` and ``DATABASE_URL``.
+
+        Unset variables take the ``ENVIRONMENT`` profile's default (``production`` or any other
+        name for development); a set but malformed one raises :class:`ConfigError`.
+        """
+        env = os.environ if environ is None else environ
+        environment = _environment(env["ENVIRONMENT"]) if "ENVIRONMENT" in env else "development"
+        values: dict[str, Any] = {**COMMON_DEFAULTS, **PROFILES["production" if environment == "production" else "development"]}
+        readers = {
+            "DB_POOL_SIZE": ("pool_size", lambda n, v: _int(n, v, minimum=1)),
+            "DB_MAX_OVERFLOW": ("max_overflow", lambda n, v: _int(n, v, minimum=0)),
+            "DB_POOL_TIMEOUT": ("pool_timeout", lambda n, v: _seconds(n, v, allow_zero=False)),
+            "DB_POOL_RECYCLE": ("pool_recycle", lambda n, v: _int(n, v, minimum=0, maximum=int(MAX_SECONDS))),
+            "DB_POOL_PRE_PING": ("pool_pre_ping", _bool),
+            "DB_QUERY_TIMEOUT": ("query_timeout", lambda n, v: _seconds(n, v, allow_zero=True)),
+            "ASYNC_DATABASE_URL": ("async_database_url", lambda n, v: _url(n, v, _ASYNC_DRIVERS)),
+            "DATABASE_URL": ("database_url", lambda n, v: _url(n, v, _ASYNC_DRIVERS | _SYNC_DRIVERS)),
+        }
+        for variable, (field, read) in readers.items():
+            if variable in env:
+                values[field] = read(variable, env[variable])
+        return cls(environment=environment, **values)
+
+    def engine_options(self) -> dict[str, Any]:
+        """The ``create_engine`` pool options these settings stand for."""
+        return {
+            "pool_size": self.pool_size,
+            "max_overflow": self.max_overflow,
+            "pool_timeout": self.pool_timeout,
+            "pool_recycle": self.pool_recycle or -1,
+            "pool_pre_ping": self.pool_pre_ping,
+        }
+
+    def async_url(self) -> URL:
+        """``ASYNC_DATABASE_URL``, else ``DATABASE_URL`` with its driver switched to asyncpg."""
+        raw = self.async_database_url or self.database_url
+        if raw is None:
+            raise ConfigError("No database URL is set; set ASYNC_DATABASE_URL (or DATABASE_URL) to postgresql+asyncpg://...")
+        return make_url(raw).set(drivername="postgresql+asyncpg")
+
+    def create_async_engine(self, url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
+        """Build an :class:`AsyncEngine` with these pool options and ``query_timeout`` as asyncpg's ``command_timeout``."""
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        target = self.async_url() if url is None else make_url(url)
+        connect_args = {"command_timeout": self.query_timeout or None, **kwargs.pop("connect_args", {})}
+        return create_async_engine(target, **{**self.engine_options(), "connect_args": connect_args, **kwargs})
+
+    def create_sync_engine(self, url: str | URL | None = None, **kwargs: Any) -> Engine:
+        """Build the legacy (deprecated) sync engine from ``DATABASE_URL``; prefer the async engine."""
+        from sqlalchemy import create_engine
+
+        raw = url if url is not None else self.database_url
+        if raw is None:
+            raise ConfigError("DATABASE_URL is not set; the legacy sync engine needs postgresql+psycopg2://...")
+        target = make_url(raw)
+        if target.drivername == "postgres":  # Heroku-style alias SQLAlchemy no longer accepts
+            target = target.set(drivername="postgresql")
+        if target.drivername in _ASYNC_DRIVERS - {"postgresql", "postgres"}:
+            raise ConfigError(f"DATABASE_URL={mask_url(target)!r} names an async driver; use postgresql+psycopg2://...")
+        connect_args: dict[str, Any] = dict(kwargs.pop("connect_args", {}))
+        if self.query_timeout and target.get_backend_name() == "postgresql" and target.get_driver_name() == "psycopg2":
+            connect_args.setdefault("options", f"-c statement_timeout={int(self.query_timeout * 1000)}")
+        return create_engine(target, **{**self.engine_options(), "connect_args": connect_args, **kwargs})

@@ -1,0 +1,152 @@
+"""The ordered shutdown: every step bounded by one budget, all of it while the loop still runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from ._lifespan import InnerLifespan, describe_task, one_line
+
+if TYPE_CHECKING:
+    from ._middleware import DBPoolMiddleware
+
+logger = logging.getLogger("asgi_dbpool")
+
+#: Share of ``shutdown_timeout`` kept for closing connections, however long the waits before it took.
+DISPOSE_RESERVE = 0.2
+#: Budget for the forced path (the server cancelled the lifespan without a shutdown message).
+FORCE_EXIT_BUDGET = 5.0
+
+
+class Budget:
+    """One deadline for the waiting steps and a later one for disposal; each overrun is named once."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        loop = asyncio.get_running_loop()
+        self.started = loop.time()
+        self.deadline = self.started + seconds
+        self.wait_deadline = self.deadline - seconds * DISPOSE_RESERVE
+        self.overruns: list[str] = []
+
+    def elapsed(self) -> float:
+        return asyncio.get_running_loop().time() - self.started
+
+    async def wait(self, awaitable: Awaitable[Any], what: str, still_running: Any = None) -> bool:
+        """Wait for ``awaitable`` until the waiting deadline; on overrun log a WARNING naming ``what``."""
+        try:
+            async with asyncio.timeout_at(self.wait_deadline):
+                await awaitable
+            return True
+        except TimeoutError:
+            detail = still_running() if callable(still_running) else ""
+            self.overruns.append(what)
+            logger.warning(
+                "asgi_dbpool: shutdown budget (shutdown_timeout=%.1fs) ran out waiting for %s%s; moving on",
+                self.seconds,
+                what,
+                f"; still running: {detail}" if detail else "",
+            )
+            return False
+
+    async def cancel_and_wait(self, tasks: Iterable[asyncio.Task[Any]], what: str) -> int:
+        """Cancel ``tasks`` and wait for them to finish; return how many there were."""
+        pending = [t for t in tasks if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await self.wait(
+                asyncio.wait(pending),
+                what,
+                lambda: ", ".join(describe_task(t) for t in pending if not t.done()),
+            )
+        return len(pending)
+
+
+async def shutdown(mw: DBPoolMiddleware, inner: InnerLifespan) -> tuple[str, str]:
+    """Run steps 1-7 of the shutdown; return the wrapped app's shutdown outcome for the answer (step 8)."""
+    budget = Budget(mw.shutdown_timeout)
+    mw._enter_shutdown()  # 1. the flag first
+    logger.info("asgi_dbpool: shutdown started (budget %.1fs)", mw.shutdown_timeout)
+
+    # 2. WebSockets: close (idempotently) and wait for their handlers, which usually hold sessions.
+    open_sockets = len(mw.connections.websockets)
+    closed, handlers = await mw.connections.close_websockets()
+    await budget.wait(
+        asyncio.gather(*(done.wait() for done in handlers)),
+        "WebSocket handlers",
+        lambda: f"{sum(not d.is_set() for d in handlers)} handler(s)",
+    )
+    logger.info(
+        "asgi_dbpool: %d WebSocket(s) closed (%d were open, %d already closed by the server)",
+        closed,
+        open_sockets,
+        open_sockets - closed,
+    )
+
+    # 3. In-flight HTTP requests.
+    in_flight = mw.connections.http_in_flight
+    await budget.wait(
+        mw.connections.wait_http(), "in-flight HTTP requests", lambda: f"{mw.connections.http_in_flight} request(s)"
+    )
+    logger.info("asgi_dbpool: %d in-flight request(s) drained", in_flight - mw.connections.http_in_flight)
+
+    # 4. The monitor and the registered background tasks.
+    stopped = await budget.cancel_and_wait([*mw._own_tasks(), *mw.tasks], "the monitor and registered tasks")
+    mw.tasks.clear()
+    logger.info("asgi_dbpool: monitor and %d registered task(s) stopped", max(stopped - 1, 0))
+
+    # 5. The wrapped app's own shutdown (it may still use the database).
+    answer = await inner.stop(max(budget.wait_deadline - asyncio.get_running_loop().time(), 0.0))
+    if answer[0] == "timeout":
+        budget.overruns.append("the wrapped app's lifespan shutdown")
+        logger.warning("asgi_dbpool: %s; it was cancelled", answer[1])
+
+    # 6-7. Reclaim what is still checked out, dispose every engine; afterwards checkouts are refused.
+    await close_engines(mw, budget)
+    logger.info("asgi_dbpool: shutdown finished in %.3fs", budget.elapsed())
+    return answer
+
+
+async def close_engines(mw: DBPoolMiddleware, budget: Budget) -> None:
+    """Cancel the tasks still holding connections, close the leaks for real, dispose all engines."""
+    me = asyncio.current_task()
+    trackers = mw.all_trackers()
+    owners = set().union(*(t.owners(exclude=me) for t in trackers))
+    if owners:
+        names = ", ".join(sorted(describe_task(t) for t in owners))
+        logger.info("asgi_dbpool: cancelling %d task(s) still holding connections: %s", len(owners), names)
+        await budget.cancel_and_wait(owners, "tasks holding connections")
+    try:
+        async with asyncio.timeout_at(budget.deadline):
+            leaks = [report for tracker in trackers for report in await tracker.close_leaks()]
+            results = await asyncio.gather(*(tracker.dispose() for tracker in trackers), return_exceptions=True)
+    except TimeoutError:
+        logger.warning(
+            "asgi_dbpool: shutdown budget (shutdown_timeout=%.1fs) ran out closing connections; still open: %s",
+            mw.shutdown_timeout,
+            ", ".join(f"{t.name}={t.snapshot()['checked_in'] + len(t.checkouts)}" for t in trackers),
+        )
+        return
+    for tracker, result in zip(trackers, results, strict=True):
+        if isinstance(result, BaseException):
+            logger.warning("asgi_dbpool: engine %r: dispose failed: %s", tracker.name, one_line(result))
+    logger.info(
+        "asgi_dbpool: %d engine(s) disposed; leaks: %s",
+        len(trackers),
+        f"{len(leaks)} closed (see warnings above)" if leaks else "none",
+    )
+
+
+async def force_close(mw: DBPoolMiddleware, inner: InnerLifespan | None) -> None:
+    """The server cancelled the lifespan without ``lifespan.shutdown``: still close everything now."""
+    budget = Budget(min(mw.shutdown_timeout, FORCE_EXIT_BUDGET))
+    mw._enter_shutdown()
+    logger.info("asgi_dbpool: lifespan cancelled without a shutdown message; closing connections now")
+    _, handlers = await mw.connections.close_websockets()
+    if inner is not None:
+        inner.cancel()
+    await budget.cancel_and_wait([*mw._own_tasks(), *mw.tasks], "the monitor and registered tasks")
+    await close_engines(mw, budget)

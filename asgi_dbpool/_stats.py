@@ -1,0 +1,104 @@
+"""``PoolStatsApp``: a tiny pure-ASGI app that answers the pool figures as JSON."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from ._guard import is_shutting_down
+from ._tracker import PoolTracker, name_engines, tracker_for
+from ._types import Receive, Scope, Send
+
+logger = logging.getLogger("asgi_dbpool")
+
+_JSON = (b"content-type", b"application/json")
+_NO_STORE = (b"cache-control", b"no-store")
+
+
+def route_path(scope: Scope) -> str:
+    """The path below the scope's ``root_path`` (as Starlette computes it)."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+class PoolStatsApp:
+    """Answer ``GET``/``HEAD`` with ``{"pool_size", "checked_in", "checked_out", "overflow", "invalid", ...}``.
+
+    ``engines`` is an ``AsyncEngine`` (or sync ``Engine``) or a mapping of names to engines; the first is
+    the default, whose figures are also at the top level. With ``token``, requests need
+    ``Authorization: Bearer <token>``. No URL, host or credential is ever part of the answer.
+    """
+
+    def __init__(
+        self,
+        engines: Any,
+        token: str | None = None,
+        *,
+        shutting_down: Callable[[], bool] = is_shutting_down,
+    ) -> None:
+        if token is not None and not token:
+            raise ValueError("asgi_dbpool: stats_token='' would accept no request; pass None to turn auth off.")
+        named = name_engines(engines)
+        self.trackers: list[PoolTracker] = [tracker_for(engine, name) for name, engine in named.items()]
+        self.names = list(named)
+        self._token = None if token is None else token.encode()
+        self._shutting_down = shutting_down
+
+    def figures(self) -> dict[str, Any]:
+        """The JSON document the endpoint answers."""
+        per_engine = {name: tracker.snapshot() for name, tracker in zip(self.names, self.trackers, strict=True)}
+        return {
+            **per_engine[self.names[0]],
+            "status": "shutting_down" if self._shutting_down() else "ok",
+            "pid": os.getpid(),
+            "default_engine": self.names[0],
+            "engines": per_engine,
+        }
+
+    def _authorized(self, scope: Scope) -> bool:
+        if self._token is None:
+            return True
+        for key, value in scope.get("headers", ()):
+            if key.lower() == b"authorization":
+                scheme, _, credentials = bytes(value).strip().partition(b" ")
+                if scheme.lower() == b"bearer":
+                    return hmac.compare_digest(credentials.strip(), self._token)
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":
+            return
+        head = scope.get("method") == "HEAD"
+        if not self._authorized(scope):
+            await _reply(send, 401, {"detail": "a valid bearer token is required"}, head, [(b"www-authenticate", b"Bearer")])
+            return
+        if route_path(scope).strip("/"):
+            await _reply(send, 404, {"detail": "not found"}, head)
+            return
+        if scope.get("method") not in ("GET", "HEAD"):
+            await _reply(send, 405, {"detail": "method not allowed"}, head, [(b"allow", b"GET, HEAD")])
+            return
+        try:
+            body = self.figures()
+        except Exception:
+            logger.exception("asgi_dbpool: could not read the pool figures")
+            await _reply(send, 503, {"detail": "pool figures unavailable"}, head)
+            return
+        await _reply(send, 200, body, head)
+
+
+async def _reply(
+    send: Send, status: int, body: dict[str, Any], head: bool, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    headers = [_JSON, _NO_STORE, (b"content-length", str(len(data)).encode()), *(extra or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head else data})

@@ -1,0 +1,241 @@
+"""Per-engine bookkeeping through pool events: who holds which connection, and closing what is left."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import sys
+import time
+import weakref
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import greenlet
+from sqlalchemy import event
+from sqlalchemy.util import greenlet_spawn
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+logger = logging.getLogger("asgi_dbpool")
+
+# Frames from these places are not "the code that checked the connection out".
+_INTERNAL_PARTS = ("/sqlalchemy/", "/asyncpg/", "/asyncio/", "/greenlet/", "/asgi_dbpool/", "/contextlib.py")
+_internal_cache: dict[str, bool] = {}
+
+
+class PoolClosedError(RuntimeError):
+    """A connection was asked for after the middleware disposed the engine at shutdown."""
+
+
+def _is_internal(filename: str) -> bool:
+    try:
+        return _internal_cache[filename]
+    except KeyError:
+        # "<...>" names generated code (SQLAlchemy decorators, frozen modules), never the caller.
+        internal = filename.startswith("<") or any(part in filename for part in _INTERNAL_PARTS)
+        _internal_cache[filename] = internal
+        return internal
+
+
+def checkout_site() -> str:
+    """``file:line`` of the innermost frame outside SQLAlchemy/asyncpg/asyncio, across greenlet boundaries."""
+    frame: FrameType | None = sys._getframe(1)
+    glet: Any = greenlet.getcurrent()
+    while True:
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            if not _is_internal(filename):
+                return f"{filename}:{frame.f_lineno}"
+            frame = frame.f_back
+        glet = glet.parent
+        if glet is None:
+            return "<unknown>"
+        frame = glet.gr_frame
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # a sync engine used from a worker thread
+        return None
+
+
+@dataclasses.dataclass(slots=True)
+class Checkout:
+    """One connection that is checked out right now."""
+
+    record: ConnectionPoolEntry
+    proxy: weakref.ref[PoolProxiedConnection]
+    task: weakref.ref[asyncio.Task[Any]] | None
+    site: str
+    since: float
+
+    @property
+    def owner(self) -> asyncio.Task[Any] | None:
+        return None if self.task is None else self.task()
+
+    def describe(self, now: float) -> str:
+        owner = self.owner
+        who = "no task" if owner is None else f"task {owner.get_name()!r}" + (" (finished)" if owner.done() else "")
+        return f"checked out at {self.site} {now - self.since:.1f}s ago by {who}"
+
+
+class PoolTracker:
+    """Listens to one engine's pool; survives ``engine.dispose()`` (events follow the recreated pool)."""
+
+    def __init__(self, engine: Engine | AsyncEngine, name: str) -> None:
+        self.async_engine: AsyncEngine | None = None
+        if isinstance(engine, AsyncEngine):
+            self.async_engine, engine = engine, engine.sync_engine
+        self.engine: Engine = engine
+        self.name = name
+        self.checkouts: dict[int, Checkout] = {}
+        self.invalidations = 0
+        self.reclaimed = 0
+        self.closed = False
+        self._reclaiming: set[int] = set()
+        event.listen(engine, "checkout", self._on_checkout)
+        event.listen(engine, "checkin", self._on_checkin)
+        event.listen(engine, "detach", self._on_detach)
+        event.listen(engine, "invalidate", self._on_invalidate)
+        event.listen(engine, "do_connect", self._on_do_connect)
+
+    # -- pool events -------------------------------------------------------------------------
+    def _on_checkout(self, dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection) -> None:
+        task = _current_task()
+        self.checkouts[id(record)] = Checkout(
+            record=record,
+            proxy=weakref.ref(proxy),
+            task=None if task is None else weakref.ref(task),
+            site=checkout_site(),
+            since=time.monotonic(),
+        )
+
+    def _on_checkin(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        self.checkouts.pop(id(record), None)
+
+    def _on_detach(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        self.checkouts.pop(id(record), None)
+
+    def _on_invalidate(self, dbapi_connection: Any, record: ConnectionPoolEntry, exc: BaseException | None) -> None:
+        if id(record) not in self._reclaiming:
+            self.invalidations += 1
+
+    def _on_do_connect(self, dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+        if self.closed:
+            raise PoolClosedError(
+                f"asgi_dbpool: engine {self.name!r} was disposed at shutdown; no new database connections are "
+                "opened now. Finish database work before the app's lifespan shutdown completes."
+            )
+
+    def remove(self) -> None:
+        """Stop listening (used when a middleware is discarded, e.g. in tests)."""
+        for name, fn in (
+            ("checkout", self._on_checkout),
+            ("checkin", self._on_checkin),
+            ("detach", self._on_detach),
+            ("invalidate", self._on_invalidate),
+            ("do_connect", self._on_do_connect),
+        ):
+            if event.contains(self.engine, name, fn):
+                event.remove(self.engine, name, fn)
+
+    # -- reading -----------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, int]:
+        """The report's JSON fields for this pool; ``overflow`` never negative."""
+        pool: Any = self.engine.pool
+        size = int(pool.size()) if hasattr(pool, "size") else 0
+        checked_in = int(pool.checkedin()) if hasattr(pool, "checkedin") else 0
+        checked_out = int(pool.checkedout()) if hasattr(pool, "checkedout") else len(self.checkouts)
+        overflow = max(0, int(pool.overflow())) if hasattr(pool, "overflow") else 0
+        return {
+            "pool_size": size,
+            "checked_in": checked_in,
+            "checked_out": checked_out,
+            "overflow": overflow,
+            "invalid": self.invalidations,
+        }
+
+    def owners(self, exclude: asyncio.Task[Any] | None) -> set[asyncio.Task[Any]]:
+        """Running tasks that hold a connection of this engine now (``exclude`` left out)."""
+        tasks = {c.owner for c in self.checkouts.values()}
+        return {t for t in tasks if t is not None and t is not exclude and not t.done()}
+
+    # -- closing -----------------------------------------------------------------------------
+    async def close_leaks(self) -> list[str]:
+        """Hard-invalidate every connection still checked out, while the loop runs; one WARNING each."""
+        now = time.monotonic()
+        leaks = list(self.checkouts.values())
+        reports = []
+        for leak in leaks:
+            text = leak.describe(now)
+            reports.append(text)
+            logger.warning("asgi_dbpool: engine %r: closing a leaked connection %s", self.name, text)
+        await asyncio.gather(*(self._invalidate(leak) for leak in leaks))
+        return reports
+
+    async def _invalidate(self, leak: Checkout) -> None:
+        proxy = leak.proxy()
+        key = id(leak.record)
+        self._reclaiming.add(key)
+        try:
+            # A dead or invalidated proxy was already handed back by SQLAlchemy itself.
+            if proxy is not None and proxy.is_valid:
+                # The proxy's hard invalidate closes the connection and checks the record back in, which also
+                # detaches the proxy's garbage-collection finalizer: collecting the leaked session logs nothing.
+                if self.async_engine is not None:
+                    # In a greenlet, asyncpg's terminate() closes gracefully (Terminate message, 2 s cap).
+                    await greenlet_spawn(proxy.invalidate)
+                else:
+                    await asyncio.to_thread(proxy.invalidate)
+        except Exception:
+            logger.exception("asgi_dbpool: engine %r: could not close a leaked connection %s", self.name, leak.site)
+        finally:
+            self._reclaiming.discard(key)
+            self.checkouts.pop(key, None)
+            self.reclaimed += 1
+
+    async def dispose(self) -> None:
+        """Close every pooled connection and refuse new ones from here on."""
+        self.closed = True
+        if self.async_engine is not None:
+            await self.async_engine.dispose(close=True)
+        else:
+            await asyncio.to_thread(self.engine.dispose, close=True)
+
+    def reopen(self) -> None:
+        self.closed = False
+
+
+_registry: weakref.WeakKeyDictionary[Engine, PoolTracker] = weakref.WeakKeyDictionary()
+
+
+def tracker_for(engine: Engine | AsyncEngine, name: str) -> PoolTracker:
+    """The one tracker of ``engine`` (created on first use, shared by middleware and stats app)."""
+    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    tracker = _registry.get(sync_engine)
+    if tracker is None:
+        tracker = _registry[sync_engine] = PoolTracker(engine, name)
+    elif tracker.async_engine is None and isinstance(engine, AsyncEngine):
+        tracker.async_engine = engine
+    return tracker
+
+
+def name_engines(engines: Any) -> dict[str, Any]:
+    """Normalise ``engine`` arguments: one engine becomes ``{"default": engine}``; a mapping is kept in order."""
+    if isinstance(engines, AsyncEngine) or hasattr(engines, "pool") and hasattr(engines, "dispose"):
+        return {"default": engines}
+    if hasattr(engines, "items"):
+        named = dict(engines.items())
+        if not named:
+            raise ValueError("asgi_dbpool: the engine mapping is empty; pass at least one AsyncEngine.")
+        for key, value in named.items():
+            if not isinstance(key, str) or not (isinstance(value, AsyncEngine) or hasattr(value, "pool")):
+                raise TypeError(f"asgi_dbpool: engine {key!r}: expected an AsyncEngine or Engine, got {value!r}.")
+        return named
+    raise TypeError(f"asgi_dbpool: expected an AsyncEngine or a mapping of names to engines, got {engines!r}.")

@@ -1,0 +1,151 @@
+"""The report's reproduction, run in a fresh process: a real server inside ``asyncio.run``, leaked sessions,
+an app background task that is never cancelled, and ``gc.collect()`` after the loop closed.
+
+Usage: ``python -m tests.apps.repro {uvicorn|hypercorn} {on|off}`` with ``ASGI_DBPOOL_TEST_DATABASE_URL`` set.
+Prints one JSON line: ``{"noise": [...], "served": n, "events": [...]}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import os
+import socket
+import sys
+import warnings
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+NOISY = ("sqlalchemy", "asyncpg", "asyncio", "py.warnings")
+noise: list[str] = []
+events: list[str] = []
+shutdown_began = False
+
+
+class Recorder(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith("asgi_dbpool"):
+            events.append(f"{record.levelname} {record.getMessage()}")
+            return
+        if shutdown_began and record.levelno >= logging.WARNING and record.name.split(".")[0] in NOISY:
+            noise.append(f"{record.name} {record.levelname} {record.getMessage().splitlines()[0]}")
+
+
+def unraisable(args: Any) -> None:
+    noise.append(f"unraisable {args.exc_type.__name__}: {args.exc_value} in {args.object!r}")
+
+
+def build_app(url: str, wrap: bool) -> Any:
+    engine = create_async_engine(url, pool_size=5, max_overflow=5, connect_args={"server_settings": {"application_name": "repro"}})
+    maker = async_sessionmaker(engine, expire_on_commit=False)
+    leaked: list[AsyncSession] = []
+
+    async def poller() -> None:  # an app background task that is never cancelled
+        while True:
+            async with maker() as session:
+                await session.execute(text("SELECT pg_sleep(0.02)"))
+            await asyncio.sleep(0.01)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        asyncio.get_running_loop().create_task(poller())
+        yield
+
+    async def leak(request: Request) -> JSONResponse:
+        session = maker()
+        await session.execute(text("SELECT 1"))  # checks out a connection and never gives it back
+        leaked.append(session)
+        return JSONResponse({"leaked": len(leaked)})
+
+    async def query(request: Request) -> JSONResponse:
+        async with maker() as session:
+            value = (await session.execute(text("SELECT 41 + 1"))).scalar_one()
+        return JSONResponse({"value": value})
+
+    app: Any = Starlette(routes=[Route("/leak", leak), Route("/query", query)], lifespan=lifespan)
+    if wrap:
+        from asgi_dbpool import DBPoolMiddleware
+
+        app = DBPoolMiddleware(app, engine, shutdown_timeout=5.0)
+    return app, leaked
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def main(server: str, wrap: bool) -> int:
+    global shutdown_began
+    url = os.environ["ASGI_DBPOOL_TEST_DATABASE_URL"]
+    app, leaked = build_app(url, wrap)
+    port = free_port()
+    stop = asyncio.Event()
+    if server == "uvicorn":
+        import uvicorn
+
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        srv = uvicorn.Server(config)
+        srv.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+
+        async def serve() -> None:
+            task = asyncio.ensure_future(srv.serve())
+            await stop.wait()
+            srv.should_exit = True
+            await task
+
+    else:
+        from hypercorn.asyncio import serve as hyper_serve
+        from hypercorn.config import Config
+
+        config = Config()
+        config.bind = [f"127.0.0.1:{port}"]
+        config.graceful_timeout = 2.0
+
+        async def serve() -> None:
+            await hyper_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+    served = 0
+    server_task = asyncio.ensure_future(serve())
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        for _ in range(100):
+            try:
+                await client.get("/query")
+                break
+            except httpx.TransportError:
+                await asyncio.sleep(0.05)
+        for path in ["/query", "/leak", "/leak", "/query"]:
+            response = await client.get(path)
+            response.raise_for_status()
+            served += 1
+    await asyncio.sleep(0.1)  # let the poller run
+    shutdown_began = True
+    stop.set()
+    await server_task
+    del leaked
+    return served
+
+
+if __name__ == "__main__":
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    root.addHandler(Recorder())
+    logging.captureWarnings(True)
+    warnings.simplefilter("default")
+    sys.unraisablehook = unraisable
+    served = asyncio.run(main(sys.argv[1], sys.argv[2] == "on"))
+    gc.collect()
+    gc.collect()
+    print(json.dumps({"noise": noise, "served": served, "events": events}))
