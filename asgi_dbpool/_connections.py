@@ -6,6 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
+from ._tracker import Unit, current_unit
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("asgi_dbpool")
@@ -39,9 +40,13 @@ class ConnectionTracker:
     async def http(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         self.http_in_flight += 1
         self._http_idle.clear()
+        unit = Unit()
+        token = current_unit.set(unit)
         try:
             await app(scope, receive, send)
         finally:
+            unit.done = True
+            current_unit.reset(token)
             self.http_in_flight -= 1
             if not self.http_in_flight:
                 self._http_idle.set()
@@ -80,6 +85,8 @@ class ConnectionTracker:
             pending.cancel()
             return _disconnect()
 
+        unit = Unit()
+        token = current_unit.set(unit)
         try:
             await app(scope, tracked_receive, tracked_send)
         except Exception as exc:
@@ -88,6 +95,8 @@ class ConnectionTracker:
             # The handler only failed because shutdown closed its socket (e.g. WebSocketDisconnect).
             logger.debug("asgi_dbpool: WebSocket handler ended by shutdown with %r", exc)
         finally:
+            unit.done = True
+            current_unit.reset(token)
             if ws is not None:
                 self.websockets.discard(ws)
                 ws.done.set()

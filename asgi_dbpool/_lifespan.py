@@ -75,7 +75,8 @@ class InnerLifespan:
         if kind in ("lifespan.startup.complete", "lifespan.startup.failed") and self.startup is None:
             self.startup = ("complete", "") if kind.endswith("complete") else ("failed", str(message.get("message", "")))
             self._started.set()
-        elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed") and self._shutdown_requested.is_set():
+        elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed") and self.startup is not None:
+            # Also accepted unasked: Starlette answers shutdown.failed when its lifespan task is cancelled.
             if self.shutdown_answer is None:
                 failed = kind.endswith("failed")
                 self.shutdown_answer = ("failed", str(message.get("message", ""))) if failed else ("complete", "")

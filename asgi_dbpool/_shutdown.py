@@ -14,30 +14,37 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("asgi_dbpool")
 
-#: Share of ``shutdown_timeout`` kept for closing connections, however long the waits before it took.
-DISPOSE_RESERVE = 0.2
+#: Absolute phase deadlines, as shares of ``shutdown_timeout`` from the start of the shutdown: time left over
+#: by one phase flows to the next, and an overrun in one still leaves the later phases their share.
+DRAIN_SHARE = 0.5  # WebSockets and in-flight requests
+APP_SHARE = 0.8  # background tasks and the wrapped app's own shutdown
+# the rest, up to 1.0, is kept for reclaiming and closing connections
 #: Budget for the forced path (the server cancelled the lifespan without a shutdown message).
 FORCE_EXIT_BUDGET = 5.0
 
 
 class Budget:
-    """One deadline for the waiting steps and a later one for disposal; each overrun is named once."""
+    """``shutdown_timeout`` split into absolute phase deadlines; each overrun is named in one WARNING."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         loop = asyncio.get_running_loop()
         self.started = loop.time()
+        self.drain_deadline = self.started + seconds * DRAIN_SHARE
+        self.app_deadline = self.started + seconds * APP_SHARE
         self.deadline = self.started + seconds
-        self.wait_deadline = self.deadline - seconds * DISPOSE_RESERVE
         self.overruns: list[str] = []
 
     def elapsed(self) -> float:
         return asyncio.get_running_loop().time() - self.started
 
-    async def wait(self, awaitable: Awaitable[Any], what: str, still_running: Any = None) -> bool:
-        """Wait for ``awaitable`` until the waiting deadline; on overrun log a WARNING naming ``what``."""
+    def left(self, deadline: float) -> float:
+        return max(deadline - asyncio.get_running_loop().time(), 0.0)
+
+    async def wait(self, awaitable: Awaitable[Any], what: str, deadline: float, still_running: Any = None) -> bool:
+        """Wait for ``awaitable`` until ``deadline``; on overrun log a WARNING naming ``what``."""
         try:
-            async with asyncio.timeout_at(self.wait_deadline):
+            async with asyncio.timeout_at(deadline):
                 await awaitable
             return True
         except TimeoutError:
@@ -51,7 +58,7 @@ class Budget:
             )
             return False
 
-    async def cancel_and_wait(self, tasks: Iterable[asyncio.Task[Any]], what: str) -> int:
+    async def cancel_and_wait(self, tasks: Iterable[asyncio.Task[Any]], what: str, deadline: float) -> int:
         """Cancel ``tasks`` and wait for them to finish; return how many there were."""
         pending = [t for t in tasks if not t.done()]
         for task in pending:
@@ -60,6 +67,7 @@ class Budget:
             await self.wait(
                 asyncio.wait(pending),
                 what,
+                deadline,
                 lambda: ", ".join(describe_task(t) for t in pending if not t.done()),
             )
         return len(pending)
@@ -77,6 +85,7 @@ async def shutdown(mw: DBPoolMiddleware, inner: InnerLifespan) -> tuple[str, str
     await budget.wait(
         asyncio.gather(*(done.wait() for done in handlers)),
         "WebSocket handlers",
+        budget.drain_deadline,
         lambda: f"{sum(not d.is_set() for d in handlers)} handler(s)",
     )
     logger.info(
@@ -89,17 +98,22 @@ async def shutdown(mw: DBPoolMiddleware, inner: InnerLifespan) -> tuple[str, str
     # 3. In-flight HTTP requests.
     in_flight = mw.connections.http_in_flight
     await budget.wait(
-        mw.connections.wait_http(), "in-flight HTTP requests", lambda: f"{mw.connections.http_in_flight} request(s)"
+        mw.connections.wait_http(),
+        "in-flight HTTP requests",
+        budget.drain_deadline,
+        lambda: f"{mw.connections.http_in_flight} request(s)"
     )
     logger.info("asgi_dbpool: %d in-flight request(s) drained", in_flight - mw.connections.http_in_flight)
 
     # 4. The monitor and the registered background tasks.
-    stopped = await budget.cancel_and_wait([*mw._own_tasks(), *mw.tasks], "the monitor and registered tasks")
+    stopped = await budget.cancel_and_wait(
+        [*mw._own_tasks(), *mw.tasks], "the monitor and registered tasks", budget.app_deadline
+    )
     mw.tasks.clear()
     logger.info("asgi_dbpool: monitor and %d registered task(s) stopped", max(stopped - 1, 0))
 
     # 5. The wrapped app's own shutdown (it may still use the database).
-    answer = await inner.stop(max(budget.wait_deadline - asyncio.get_running_loop().time(), 0.0))
+    answer = await inner.stop(budget.left(budget.app_deadline))
     if answer[0] == "timeout":
         budget.overruns.append("the wrapped app's lifespan shutdown")
         logger.warning("asgi_dbpool: %s; it was cancelled", answer[1])
@@ -114,11 +128,13 @@ async def close_engines(mw: DBPoolMiddleware, budget: Budget) -> None:
     """Cancel the tasks still holding connections, close the leaks for real, dispose all engines."""
     me = asyncio.current_task()
     trackers = mw.all_trackers()
-    owners = set().union(*(t.owners(exclude=me) for t in trackers))
+    owners = set().union(*(t.owners(me) for t in trackers))
     if owners:
         names = ", ".join(sorted(describe_task(t) for t in owners))
         logger.info("asgi_dbpool: cancelling %d task(s) still holding connections: %s", len(owners), names)
-        await budget.cancel_and_wait(owners, "tasks holding connections")
+        # Half of what is left: the rest is for closing connections.
+        halfway = budget.deadline - budget.left(budget.deadline) / 2
+        await budget.cancel_and_wait(owners, "tasks holding connections", halfway)
     try:
         async with asyncio.timeout_at(budget.deadline):
             leaks = [report for tracker in trackers for report in await tracker.close_leaks()]
@@ -148,5 +164,5 @@ async def force_close(mw: DBPoolMiddleware, inner: InnerLifespan | None) -> None
     _, handlers = await mw.connections.close_websockets()
     if inner is not None:
         inner.cancel()
-    await budget.cancel_and_wait([*mw._own_tasks(), *mw.tasks], "the monitor and registered tasks")
+    await budget.cancel_and_wait([*mw._own_tasks(), *mw.tasks], "the monitor and registered tasks", budget.app_deadline)
     await close_engines(mw, budget)

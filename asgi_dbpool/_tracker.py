@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 import weakref
+from contextvars import ContextVar
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,20 @@ logger = logging.getLogger("asgi_dbpool")
 # Frames from these places are not "the code that checked the connection out".
 _INTERNAL_PARTS = ("/sqlalchemy/", "/asyncpg/", "/asyncio/", "/greenlet/", "/asgi_dbpool/", "/contextlib.py")
 _internal_cache: dict[str, bool] = {}
+
+
+class Unit:
+    """One request or WebSocket handled through the middleware: its task, and whether it has finished."""
+
+    __slots__ = ("done", "task")
+
+    def __init__(self) -> None:
+        self.task = _current_task()
+        self.done = False
+
+
+#: The request/WebSocket being served in this context (set by the middleware around each call).
+current_unit: ContextVar[Unit | None] = ContextVar("asgi_dbpool_unit", default=None)
 
 
 class PoolClosedError(RuntimeError):
@@ -74,6 +89,20 @@ class Checkout:
     task: weakref.ref[asyncio.Task[Any]] | None
     site: str
     since: float
+    unit: Unit | None
+
+    def is_leak(self, current: asyncio.Task[Any] | None) -> bool:
+        """True when nobody is working with this connection any more (its holder moved on or ended).
+
+        A request's task may live on after the request (an in-process client, a test): once the request
+        finished, a connection its task still holds was leaked. A task spawned from the request is judged
+        by itself: still running means still working.
+        """
+        owner = self.owner
+        if owner is None or owner.done() or owner is current:
+            return True
+        unit = self.unit
+        return unit is not None and unit.done and unit.task is owner
 
     @property
     def owner(self) -> asyncio.Task[Any] | None:
@@ -114,6 +143,7 @@ class PoolTracker:
             task=None if task is None else weakref.ref(task),
             site=checkout_site(),
             since=time.monotonic(),
+            unit=current_unit.get(),
         )
 
     def _on_checkin(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
@@ -161,10 +191,9 @@ class PoolTracker:
             "invalid": self.invalidations,
         }
 
-    def owners(self, exclude: asyncio.Task[Any] | None) -> set[asyncio.Task[Any]]:
-        """Running tasks that hold a connection of this engine now (``exclude`` left out)."""
-        tasks = {c.owner for c in self.checkouts.values()}
-        return {t for t in tasks if t is not None and t is not exclude and not t.done()}
+    def owners(self, current: asyncio.Task[Any] | None) -> set[asyncio.Task[Any]]:
+        """Running tasks still working with a connection of this engine (``current`` left out)."""
+        return {c.owner for c in self.checkouts.values() if not c.is_leak(current)}  # type: ignore[misc]
 
     # -- closing -----------------------------------------------------------------------------
     async def close_leaks(self) -> list[str]:

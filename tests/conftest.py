@@ -1,0 +1,101 @@
+"""Fixtures: one real PostgreSQL for the session (embedded ``pgserver`` unless
+``ASGI_DBPOOL_TEST_DATABASE_URL`` names one) and engines whose backends are checked after each test."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import warnings
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An SQLAlchemy asyncpg URL of a live server."""
+    given = os.environ.get("ASGI_DBPOOL_TEST_DATABASE_URL")
+    if given:
+        yield str(make_url(given).set(drivername="postgresql+asyncpg"))
+        return
+    with warnings.catch_warnings():
+        # platformdirs warns at import time when XDG_RUNTIME_DIR is unset (CI, containers); harmless here.
+        warnings.simplefilter("ignore")
+        import pgserver
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="stop")
+    server.psql("ALTER SYSTEM SET log_disconnections = on; ALTER SYSTEM SET log_connections = on;")
+    server.psql("SELECT pg_reload_conf();")
+    try:
+        yield str(make_url(server.get_uri()).set(drivername="postgresql+asyncpg"))
+    finally:
+        server.cleanup()
+
+
+def asyncpg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+async def backends(url: str, application_name: str) -> int:
+    """How many server backends carry ``application_name`` right now."""
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        value = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()",
+            application_name,
+        )
+        return int(value)
+    finally:
+        await conn.close()
+
+
+async def wait_for_no_backends(url: str, application_name: str) -> int:
+    """Backends still there after the server had the chance to finish closing (bounded poll)."""
+    count = await backends(url, application_name)
+    for _ in range(100):
+        if not count:
+            break
+        await asyncio.sleep(0.02)  # a backend leaves pg_stat_activity just after its socket closes
+        count = await backends(url, application_name)
+    return count
+
+
+class EngineFactory:
+    """Makes engines with unique ``application_name``s and remembers them for the leak check."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.made: list[tuple[str, AsyncEngine]] = []
+
+    def __call__(self, **kwargs: Any) -> AsyncEngine:
+        name = f"t{os.getpid()}_{next(_counter)}"
+        connect_args = {"server_settings": {"application_name": name}, **kwargs.pop("connect_args", {})}
+        engine = create_async_engine(self.url, connect_args=connect_args, **kwargs)
+        self.made.append((name, engine))
+        return engine
+
+    def name_of(self, engine: AsyncEngine) -> str:
+        return next(name for name, made in self.made if made is engine)
+
+
+@pytest.fixture
+async def make_engine(database_url: str) -> AsyncIterator[Callable[..., AsyncEngine]]:
+    """Engine factory; after the test, every engine it made must have no backend left on the server."""
+    factory = EngineFactory(database_url)
+    yield factory
+    left = {name: await wait_for_no_backends(database_url, name) for name, _ in factory.made}
+    for _, engine in factory.made:
+        await engine.dispose()
+    assert left == dict.fromkeys(left, 0), f"backends left after the test: {left}"

@@ -1,0 +1,102 @@
+"""Test helpers: a scripted ASGI server side for lifespan and WebSocket conversations."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from asgi_dbpool._types import ASGIApp, Message
+
+
+class LifespanDriver:
+    """Plays the server in a lifespan conversation and records every message the app sends."""
+
+    def __init__(self, app: ASGIApp, state: dict[str, Any] | None = None) -> None:
+        self.app = app
+        self.state: dict[str, Any] = {} if state is None else state
+        self.sent: list[Message] = []
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._answer = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def _receive(self) -> Message:
+        return await self._inbox.get()
+
+    async def _send(self, message: Message) -> None:
+        self.sent.append(message)
+        self._answer.set()
+
+    async def _ask(self, kind: str) -> Message:
+        self._answer.clear()
+        await self._inbox.put({"type": kind})
+        assert self.task is not None
+        waiter = asyncio.ensure_future(self._answer.wait())
+        await asyncio.wait([waiter, self.task], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if not self._answer.is_set():
+            self.task.result()  # re-raise the app's exception
+            raise AssertionError("the app returned without answering")
+        return self.sent[-1]
+
+    async def startup(self) -> Message:
+        scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": self.state}
+        self.task = asyncio.create_task(self.app(scope, self._receive, self._send))
+        return await self._ask("lifespan.startup")
+
+    async def shutdown(self) -> Message:
+        message = await self._ask("lifespan.shutdown")
+        assert self.task is not None
+        await self.task
+        return message
+
+    def types(self) -> list[str]:
+        return [m["type"] for m in self.sent]
+
+
+class WebSocketPeer:
+    """The server side of one WebSocket: feeds ``receive`` and records ``send``."""
+
+    def __init__(self, app: ASGIApp, path: str = "/ws", state: dict[str, Any] | None = None) -> None:
+        self.app = app
+        self.scope = {
+            "type": "websocket",
+            "asgi": {"version": "3.0"},
+            "path": path,
+            "raw_path": path.encode(),
+            "root_path": "",
+            "query_string": b"",
+            "headers": [],
+            "scheme": "ws",
+            "server": ("127.0.0.1", 80),
+            "client": ("127.0.0.1", 5000),
+            "subprotocols": [],
+            "state": dict(state or {}),
+        }
+        self.inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self.sent: list[Message] = []
+        self.accepted = asyncio.Event()
+        self.closed_by_server = False
+        self.task: asyncio.Task[None] | None = None
+
+    async def _receive(self) -> Message:
+        return await self.inbox.get()
+
+    async def _send(self, message: Message) -> None:
+        if self.closed_by_server:
+            raise RuntimeError("Unexpected ASGI message 'websocket.close', after sending 'websocket.close'.")
+        self.sent.append(message)
+        if message["type"] == "websocket.accept":
+            self.accepted.set()
+
+    async def connect(self) -> None:
+        await self.inbox.put({"type": "websocket.connect"})
+        self.task = asyncio.create_task(self.app(self.scope, self._receive, self._send))
+        waiter = asyncio.ensure_future(self.accepted.wait())
+        await asyncio.wait([waiter, self.task], return_when=asyncio.FIRST_COMPLETED)
+        if not self.accepted.is_set():
+            waiter.cancel()
+            self.task.result()
+            raise AssertionError("not accepted")
+
+    def types(self) -> list[str]:
+        return [m["type"] for m in self.sent]

@@ -1,0 +1,290 @@
+"""The ordered shutdown: WebSockets, in-flight requests, tasks, the app's own shutdown, leaks, disposal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import warnings
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from asgi_dbpool import DBPoolMiddleware, PoolClosedError
+from tests.conftest import backends
+from tests.helpers import LifespanDriver, WebSocketPeer
+
+pytestmark = pytest.mark.anyio
+THIS_FILE = __file__
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: int = logging.INFO) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("asgi_dbpool") and r.levelno >= level]
+
+
+async def test_steps_run_in_order(make_engine: Callable[..., AsyncEngine], caplog: pytest.LogCaptureFixture) -> None:
+    engine = make_engine()
+    maker = async_sessionmaker(engine)
+    events: list[str] = []
+    request_started = asyncio.Event()
+    release_request = asyncio.Event()
+
+    async def slow(request: Request) -> PlainTextResponse:
+        async with maker() as session:
+            request_started.set()
+            await release_request.wait()
+            await session.execute(text("SELECT 1"))
+        events.append("request finished")
+        return PlainTextResponse("done")
+
+    async def ws_endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        async with maker() as session:
+            await session.execute(text("SELECT 1"))
+            try:
+                while True:
+                    await websocket.receive_text()
+            finally:
+                events.append("websocket handler finished")
+
+    async def background() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            events.append("registered task cancelled")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        async with maker() as session:
+            await session.execute(text("SELECT 1"))
+        events.append("app shutdown ran")
+
+    inner = Starlette(routes=[Route("/slow", slow), WebSocketRoute("/ws", ws_endpoint)], lifespan=lifespan)
+    app = DBPoolMiddleware(inner, engine, shutdown_timeout=5)
+    driver = LifespanDriver(app)
+    caplog.set_level(logging.INFO, logger="asgi_dbpool")
+    await driver.startup()
+    app.register_task(asyncio.create_task(background()))
+    peer = WebSocketPeer(app, state=driver.state)
+    await peer.connect()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        request = asyncio.create_task(client.get("/slow"))
+        await request_started.wait()
+        shutdown = asyncio.create_task(driver.shutdown())
+        while not app.shutting_down:
+            await asyncio.sleep(0)
+        # A request arriving now is refused cleanly.
+        refused = await client.get("/slow")
+        assert (refused.status_code, refused.headers["connection"]) == (503, "close")
+        assert events == ["websocket handler finished"] or events == []
+        release_request.set()
+        assert (await request).text == "done"
+        assert await shutdown == {"type": "lifespan.shutdown.complete"}
+    assert events == ["websocket handler finished", "request finished", "registered task cancelled", "app shutdown ran"]
+    assert peer.types() == ["websocket.accept", "websocket.close"]
+    assert peer.sent[-1]["code"] == 1001
+    assert peer.task is not None and peer.task.done() and peer.task.exception() is None
+    log = messages(caplog)
+    assert log[1:] == [
+        "asgi_dbpool: shutdown started (budget 5.0s)",
+        "asgi_dbpool: 1 WebSocket(s) closed (1 were open, 0 already closed by the server)",
+        "asgi_dbpool: 1 in-flight request(s) drained",
+        "asgi_dbpool: monitor and 1 registered task(s) stopped",
+        "asgi_dbpool: 1 engine(s) disposed; leaks: none",
+        log[-1],
+    ]
+    assert log[-1].startswith("asgi_dbpool: shutdown finished in ")
+
+
+async def test_websocket_closed_by_the_server_first_is_fine(make_engine: Callable[..., AsyncEngine]) -> None:
+    """uvicorn closes sockets (1012) before lifespan.shutdown; the middleware's close must be idempotent."""
+    engine = make_engine()
+
+    async def ws_endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.receive_text()  # raises WebSocketDisconnect when shutdown closes the socket
+
+    app = DBPoolMiddleware(Starlette(routes=[WebSocketRoute("/ws", ws_endpoint)]), engine)
+    driver = LifespanDriver(app)
+    await driver.startup()
+    peer = WebSocketPeer(app, state=driver.state)
+    await peer.connect()
+    peer.closed_by_server = True  # any further send raises, as a server's does after its own close
+    assert await driver.shutdown() == {"type": "lifespan.shutdown.complete"}
+    assert peer.task is not None
+    await peer.task  # the WebSocketDisconnect was logged at DEBUG, not raised to the server
+    assert peer.types() == ["websocket.accept"]
+
+
+async def test_leaked_sessions_are_reclaimed_and_gc_is_silent(
+    make_engine: Callable[..., AsyncEngine], database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make_engine()
+    maker = async_sessionmaker(engine)
+    leaked: list[AsyncSession] = []
+
+    async def leak(request: Request) -> JSONResponse:
+        session = maker()
+        await session.execute(text("SELECT 1"))  # this line is the checkout site
+        leaked.append(session)
+        return JSONResponse({"leaked": len(leaked)})
+
+    leak_line = leak.__code__.co_firstlineno + 2
+    app = DBPoolMiddleware(Starlette(routes=[Route("/leak", leak)]), engine)
+    caplog.set_level(logging.DEBUG)
+    async with LifespanManager(app) as manager:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as client:
+            assert (await client.get("/leak")).json() == {"leaked": 1}
+            assert (await client.get("/leak")).json() == {"leaked": 2}
+        assert await backends(database_url, make_engine.name_of(engine)) == 2  # type: ignore[attr-defined]
+    warnings_logged = messages(caplog, logging.WARNING)
+    assert len(warnings_logged) == 2
+    for line in warnings_logged:
+        assert f"closing a leaked connection checked out at {THIS_FILE}:{leak_line} " in line
+    assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        leaked.clear()
+        gc.collect()
+    assert caught == []
+    assert [r for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("sqlalchemy")] == []
+
+
+async def test_tasks_holding_connections_are_cancelled_and_close_cleanly(
+    make_engine: Callable[..., AsyncEngine], database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make_engine()
+    maker = async_sessionmaker(engine)
+    holding = asyncio.Event()
+    outcome: list[str] = []
+
+    async def forgotten_worker() -> None:
+        try:
+            async with maker() as session, session.begin():
+                await session.execute(text("SELECT 1"))
+                holding.set()
+                await session.execute(text("SELECT pg_sleep(30)"))  # cancelled mid-query
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+            raise
+
+    app = DBPoolMiddleware(returning_app, engine, shutdown_timeout=5)
+    caplog.set_level(logging.INFO, logger="asgi_dbpool")
+    async with LifespanManager(app):
+        task = asyncio.create_task(forgotten_worker(), name="forgotten")
+        await holding.wait()
+    assert task.cancelled()
+    assert outcome == ["cancelled"]
+    assert any("cancelling 1 task(s) still holding connections: forgotten" in m for m in messages(caplog))
+    assert messages(caplog, logging.WARNING) == []
+    assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
+
+
+async def test_checkout_after_shutdown_fails_at_once(make_engine: Callable[..., AsyncEngine], database_url: str) -> None:
+    engine = make_engine()
+    async with LifespanManager(DBPoolMiddleware(returning_app, engine)):
+        pass
+    with pytest.raises(PoolClosedError, match="engine 'default' was disposed at shutdown"):
+        async with engine.connect():
+            pass  # pragma: no cover
+    assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
+    # A new lifespan (a restarted app in the same process) opens the engine again.
+    async with LifespanManager(DBPoolMiddleware(returning_app, engine)):
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT 3"))).scalar_one() == 3
+
+
+async def test_budget_runs_out_but_the_answer_still_goes_out(
+    make_engine: Callable[..., AsyncEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make_engine()
+    started = asyncio.Event()
+    released = asyncio.Event()
+
+    async def stubborn(request: Request) -> PlainTextResponse:
+        started.set()
+        while not released.is_set():  # ignores cancellation: the worst kind of handler
+            with contextlib.suppress(asyncio.CancelledError):
+                await released.wait()
+        return PlainTextResponse("late")
+
+    app = DBPoolMiddleware(Starlette(routes=[Route("/", stubborn)]), engine, shutdown_timeout=0.5)
+    driver = LifespanDriver(app)
+    caplog.set_level(logging.INFO, logger="asgi_dbpool")
+    await driver.startup()
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+    request = asyncio.create_task(client.get("/"))
+    await started.wait()
+    try:
+        assert await driver.shutdown() == {"type": "lifespan.shutdown.complete"}
+    finally:
+        released.set()
+        await request
+        await client.aclose()
+    overruns = messages(caplog, logging.WARNING)
+    assert overruns == [
+        "asgi_dbpool: shutdown budget (shutdown_timeout=0.5s) ran out waiting for in-flight HTTP requests; "
+        "still running: 1 request(s); moving on"
+    ]
+
+
+async def test_force_exit_still_closes_connections(
+    make_engine: Callable[..., AsyncEngine], database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn's second Ctrl+C: the lifespan is cancelled without lifespan.shutdown."""
+    engine = make_engine()
+    maker = async_sessionmaker(engine)
+    leaked: list[AsyncSession] = []
+    holding = asyncio.Event()
+
+    async def leak(request: Request) -> PlainTextResponse:
+        session = maker()
+        await session.execute(text("SELECT 1"))
+        leaked.append(session)
+        return PlainTextResponse("leaked")
+
+    async def worker() -> None:
+        async with maker() as session:
+            await session.execute(text("SELECT 1"))
+            holding.set()
+            await asyncio.Event().wait()
+
+    app = DBPoolMiddleware(Starlette(routes=[Route("/leak", leak)]), engine)
+    driver = LifespanDriver(app)
+    caplog.set_level(logging.INFO, logger="asgi_dbpool")
+    await driver.startup()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        assert (await client.get("/leak")).text == "leaked"
+    task = asyncio.create_task(worker(), name="worker")
+    await holding.wait()
+    assert await backends(database_url, make_engine.name_of(engine)) == 2  # type: ignore[attr-defined]
+    assert driver.task is not None
+    driver.task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await driver.task
+    assert driver.types() == ["lifespan.startup.complete"]
+    assert task.cancelled()
+    log = messages(caplog)
+    assert "asgi_dbpool: lifespan cancelled without a shutdown message; closing connections now" in log
+    holders = "asgi_dbpool: cancelling 1 task(s) still holding connections: worker (%s)" % worker.__qualname__
+    assert holders in log
+    assert sum("closing a leaked connection" in line for line in log) == 1
+    assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
+
+
+async def returning_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    return None
