@@ -51,7 +51,7 @@ def is_closed_loop_error(exc: BaseException) -> bool:
     return any(marker in text for marker in CLOSED_LOOP_MARKERS)
 
 
-class shutdown_tolerant(Generic[D]):  # noqa: N801 - used as a decorator, named like one
+class shutdown_tolerant(Generic[D]):
     """Turn a closed-loop ``RuntimeError`` into ``default``, but only while shutting down.
 
     As a decorator for ``async def`` functions::

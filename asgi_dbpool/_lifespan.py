@@ -38,13 +38,13 @@ class InnerLifespan:
         assert self.startup is not None
         return self.startup
 
-    async def stop(self, timeout: float) -> tuple[Outcome, str]:
-        """Send ``lifespan.shutdown`` and wait up to ``timeout`` for the answer and for the app to return."""
+    async def stop(self, seconds: float) -> tuple[Outcome, str]:
+        """Send ``lifespan.shutdown`` and wait up to ``seconds`` for the answer and for the app to return."""
         if self.task is None or self.task.done() or self.startup is None or self.startup[0] != "complete":
             return ("not running", "")
         self._shutdown_requested.set()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(timeout, 0.0)
+        deadline = loop.time() + max(seconds, 0.0)
         try:
             async with asyncio.timeout_at(deadline):
                 await self._shutdown_answered.wait()
@@ -73,7 +73,9 @@ class InnerLifespan:
     async def _send(self, message: Message) -> None:
         kind = message.get("type")
         if kind in ("lifespan.startup.complete", "lifespan.startup.failed") and self.startup is None:
-            self.startup = ("complete", "") if kind.endswith("complete") else ("failed", str(message.get("message", "")))
+            self.startup = (
+                ("complete", "") if kind.endswith("complete") else ("failed", str(message.get("message", "")))
+            )
             self._started.set()
         elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed") and self.startup is not None:
             # Also accepted unasked: Starlette answers shutdown.failed when its lifespan task is cancelled.
@@ -90,10 +92,10 @@ class InnerLifespan:
         except Exception as exc:
             self._judge(exc)
         finally:
-            if self.startup is None:
-                self.startup = ("unsupported", "it returned without answering lifespan.startup")
-            if self.startup[0] == "unsupported":
-                logger.info("asgi_dbpool: the wrapped app does not use the lifespan protocol (%s)", self.startup[1])
+            startup = self.startup or ("unsupported", "it returned without answering lifespan.startup")
+            self.startup = startup
+            if startup[0] == "unsupported":
+                logger.info("asgi_dbpool: the wrapped app does not use the lifespan protocol (%s)", startup[1])
             self._started.set()
             if self._shutdown_requested.is_set() and self.shutdown_answer is None:
                 self.shutdown_answer = ("complete", "")

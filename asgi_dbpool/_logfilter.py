@@ -71,7 +71,12 @@ def _showwarning(
     line: str | None = None,
 ) -> None:
     text = str(message).lower()
-    if is_shutting_down() and issubclass(category, RuntimeWarning) and "was never awaited" in text and "_cancel" in text:
+    if (
+        is_shutting_down()
+        and issubclass(category, RuntimeWarning)
+        and "was never awaited" in text
+        and "_cancel" in text
+    ):
         logging.getLogger("asgi_dbpool").debug("demoted during shutdown: %s (%s:%s)", message, filename, lineno)
         return
     _original_showwarning(message, category, filename, lineno, file, line)
@@ -88,7 +93,7 @@ def install(extra_loggers: Iterable[str] = ()) -> None:
         flt = ShutdownNoiseFilter()
         lg.addFilter(flt)
         _installed.append((lg, flt))
-    if _original_showwarning is None:
+    if warnings.showwarning is not _showwarning:  # pytest and catch_warnings() swap it back on exit
         _original_showwarning = warnings.showwarning
         warnings.showwarning = _showwarning
 
@@ -103,4 +108,3 @@ def uninstall() -> None:
         if warnings.showwarning is _showwarning:
             warnings.showwarning = _original_showwarning
         _original_showwarning = None
-

@@ -61,7 +61,9 @@ class DBPoolMiddleware:
             if not (isinstance(value, int | float) and value > 0):
                 raise ValueError(f"asgi_dbpool: {option}={value!r} must be a positive number of seconds.")
         if stats_path is not None and (not stats_path.startswith("/") or stats_path.rstrip("/") == ""):
-            raise ValueError(f"asgi_dbpool: stats_path={stats_path!r} must start with '/' and not be '/'; or pass None.")
+            raise ValueError(
+                f"asgi_dbpool: stats_path={stats_path!r} must start with '/' and not be '/'; or pass None."
+            )
         named = name_engines(engine)
         for name, value in named.items():
             if not isinstance(value, AsyncEngine):
@@ -108,8 +110,9 @@ class DBPoolMiddleware:
                 path = route_path(scope)
                 if path == self.stats_path or path.startswith(self.stats_path + "/"):
                     root = scope.get("root_path", "") + self.stats_path
-                    await self.stats_app({**scope, "root_path": root, "path": root + path[len(self.stats_path) :]},
-                                         receive, send)
+                    await self.stats_app(
+                        {**scope, "root_path": root, "path": root + path[len(self.stats_path) :]}, receive, send
+                    )
                     return
             state = scope.get("state")
             if state is None:
@@ -157,9 +160,9 @@ class DBPoolMiddleware:
             raise
         if message["type"] != "lifespan.shutdown":  # pragma: no cover - a server bug
             logger.warning("asgi_dbpool: expected lifespan.shutdown, got %r; shutting down anyway", message["type"])
-        outcome, detail = await _shutdown.shutdown(self, inner)
-        if outcome == "failed":
-            await send({"type": "lifespan.shutdown.failed", "message": detail})
+        answer, why = await _shutdown.shutdown(self, inner)
+        if answer == "failed":
+            await send({"type": "lifespan.shutdown.failed", "message": why})
         else:
             await send({"type": "lifespan.shutdown.complete"})
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import URL, make_url
@@ -28,6 +29,7 @@ COMMON_DEFAULTS: dict[str, Any] = {"pool_pre_ping": True, "query_timeout": 30.0}
 
 MAX_CONNECTIONS = 10_000  # no PostgreSQL server takes more from one process
 MAX_SECONDS = 7 * 24 * 3600.0
+_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _ASYNC_DRIVERS = frozenset({"postgresql", "postgres", "postgresql+asyncpg"})
@@ -39,7 +41,7 @@ def mask_url(url: str | URL) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:  # make_url raises several types for malformed input
-        return "<unparsable URL>"
+        return _PASSWORD.sub(r"\1***@", str(url))
 
 
 def _int(name: str, raw: str, *, minimum: int, maximum: int = MAX_CONNECTIONS) -> int:
@@ -47,7 +49,9 @@ def _int(name: str, raw: str, *, minimum: int, maximum: int = MAX_CONNECTIONS) -
     try:
         value = int(text, 10)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a whole number; set it to an integer from {minimum} to {maximum}.") from None
+        raise ConfigError(
+            f"{name}={raw!r} is not a whole number; set it to an integer from {minimum} to {maximum}."
+        ) from None
     if not minimum <= value <= maximum:
         raise ConfigError(f"{name}={raw!r} is out of range; set it to an integer from {minimum} to {maximum}.")
     return value
@@ -79,7 +83,9 @@ def _url(name: str, raw: str, drivers: frozenset[str]) -> str:
     try:
         url = make_url(raw.strip())
     except Exception as exc:  # make_url raises several types for malformed input
-        raise ConfigError(f"{name}={mask_url(raw)!r} is not a database URL; use postgresql+asyncpg://user:pass@host/db.") from exc
+        raise ConfigError(
+            f"{name}={mask_url(raw)!r} is not a database URL; use postgresql+asyncpg://user:pass@host/db."
+        ) from exc
     if url.drivername not in drivers:
         raise ConfigError(
             f"{name}={mask_url(url)!r} uses the unsupported scheme {url.drivername!r}; use one of {sorted(drivers)}."
@@ -133,8 +139,11 @@ class PoolSettings:
         """
         env = os.environ if environ is None else environ
         environment = _environment(env["ENVIRONMENT"]) if "ENVIRONMENT" in env else "development"
-        values: dict[str, Any] = {**COMMON_DEFAULTS, **PROFILES["production" if environment == "production" else "development"]}
-        readers = {
+        values: dict[str, Any] = {
+            **COMMON_DEFAULTS,
+            **PROFILES["production" if environment == "production" else "development"],
+        }
+        readers: dict[str, tuple[str, Callable[[str, str], Any]]] = {
             "DB_POOL_SIZE": ("pool_size", lambda n, v: _int(n, v, minimum=1)),
             "DB_MAX_OVERFLOW": ("max_overflow", lambda n, v: _int(n, v, minimum=0)),
             "DB_POOL_TIMEOUT": ("pool_timeout", lambda n, v: _seconds(n, v, allow_zero=False)),
@@ -163,11 +172,13 @@ class PoolSettings:
         """``ASYNC_DATABASE_URL``, else ``DATABASE_URL`` with its driver switched to asyncpg."""
         raw = self.async_database_url or self.database_url
         if raw is None:
-            raise ConfigError("No database URL is set; set ASYNC_DATABASE_URL (or DATABASE_URL) to postgresql+asyncpg://...")
+            raise ConfigError(
+                "No database URL is set; set ASYNC_DATABASE_URL (or DATABASE_URL) to postgresql+asyncpg://..."
+            )
         return make_url(raw).set(drivername="postgresql+asyncpg")
 
     def create_async_engine(self, url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
-        """Build an :class:`AsyncEngine` with these pool options and ``query_timeout`` as asyncpg's ``command_timeout``."""
+        """Build an :class:`AsyncEngine` with these pool options; ``query_timeout`` is asyncpg's ``command_timeout``."""
         from sqlalchemy.ext.asyncio import create_async_engine
 
         target = self.async_url() if url is None else make_url(url)

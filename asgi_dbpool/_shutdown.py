@@ -101,7 +101,7 @@ async def shutdown(mw: DBPoolMiddleware, inner: InnerLifespan) -> tuple[str, str
         mw.connections.wait_http(),
         "in-flight HTTP requests",
         budget.drain_deadline,
-        lambda: f"{mw.connections.http_in_flight} request(s)"
+        lambda: f"{mw.connections.http_in_flight} request(s)",
     )
     logger.info("asgi_dbpool: %d in-flight request(s) drained", in_flight - mw.connections.http_in_flight)
 
@@ -164,5 +164,6 @@ async def force_close(mw: DBPoolMiddleware, inner: InnerLifespan | None) -> None
     _, handlers = await mw.connections.close_websockets()
     if inner is not None:
         inner.cancel()
+    await budget.wait(asyncio.gather(*(done.wait() for done in handlers)), "WebSocket handlers", budget.drain_deadline)
     await budget.cancel_and_wait([*mw._own_tasks(), *mw.tasks], "the monitor and registered tasks", budget.app_deadline)
     await close_engines(mw, budget)

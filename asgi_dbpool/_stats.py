@@ -78,7 +78,9 @@ class PoolStatsApp:
             return
         head = scope.get("method") == "HEAD"
         if not self._authorized(scope):
-            await _reply(send, 401, {"detail": "a valid bearer token is required"}, head, [(b"www-authenticate", b"Bearer")])
+            await _reply(
+                send, 401, {"detail": "a valid bearer token is required"}, head, [(b"www-authenticate", b"Bearer")]
+            )
             return
         if route_path(scope).strip("/"):
             await _reply(send, 404, {"detail": "not found"}, head)

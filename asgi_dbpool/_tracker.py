@@ -257,7 +257,7 @@ def tracker_for(engine: Engine | AsyncEngine, name: str) -> PoolTracker:
 
 def name_engines(engines: Any) -> dict[str, Any]:
     """Normalise ``engine`` arguments: one engine becomes ``{"default": engine}``; a mapping is kept in order."""
-    if isinstance(engines, AsyncEngine) or hasattr(engines, "pool") and hasattr(engines, "dispose"):
+    if isinstance(engines, AsyncEngine) or (hasattr(engines, "pool") and hasattr(engines, "dispose")):
         return {"default": engines}
     if hasattr(engines, "items"):
         named = dict(engines.items())

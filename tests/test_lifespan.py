@@ -171,9 +171,11 @@ async def test_request_handlers_read_the_flag_through_lifespan_state(make_engine
         return PlainTextResponse("ok")
 
     app = DBPoolMiddleware(Starlette(routes=[Route("/flag", flag)]), make_engine())
-    async with LifespanManager(app) as manager:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as client:
-            assert (await client.get("/flag")).text == "ok"
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as client,
+    ):
+        assert (await client.get("/flag")).text == "ok"
     assert seen == [(False, False)]
     assert app.shutting_down is True
     assert is_shutting_down() is True

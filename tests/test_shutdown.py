@@ -84,7 +84,7 @@ async def test_steps_run_in_order(make_engine: Callable[..., AsyncEngine], caplo
         request = asyncio.create_task(client.get("/slow"))
         await request_started.wait()
         shutdown = asyncio.create_task(driver.shutdown())
-        while not app.shutting_down:
+        while not app.shutting_down:  # noqa: ASYNC110 - the flag is the thing under test
             await asyncio.sleep(0)
         # A request arriving now is refused cleanly.
         refused = await client.get("/slow")
@@ -96,7 +96,9 @@ async def test_steps_run_in_order(make_engine: Callable[..., AsyncEngine], caplo
     assert events == ["websocket handler finished", "request finished", "registered task cancelled", "app shutdown ran"]
     assert peer.types() == ["websocket.accept", "websocket.close"]
     assert peer.sent[-1]["code"] == 1001
-    assert peer.task is not None and peer.task.done() and peer.task.exception() is None
+    assert peer.task is not None
+    assert peer.task.done()
+    assert peer.task.exception() is None
     log = messages(caplog)
     assert log[1:] == [
         "asgi_dbpool: shutdown started (budget 5.0s)",
@@ -194,7 +196,9 @@ async def test_tasks_holding_connections_are_cancelled_and_close_cleanly(
     assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
 
 
-async def test_checkout_after_shutdown_fails_at_once(make_engine: Callable[..., AsyncEngine], database_url: str) -> None:
+async def test_checkout_after_shutdown_fails_at_once(
+    make_engine: Callable[..., AsyncEngine], database_url: str
+) -> None:
     engine = make_engine()
     async with LifespanManager(DBPoolMiddleware(returning_app, engine)):
         pass
@@ -203,9 +207,8 @@ async def test_checkout_after_shutdown_fails_at_once(make_engine: Callable[..., 
             pass  # pragma: no cover
     assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
     # A new lifespan (a restarted app in the same process) opens the engine again.
-    async with LifespanManager(DBPoolMiddleware(returning_app, engine)):
-        async with engine.connect() as conn:
-            assert (await conn.execute(text("SELECT 3"))).scalar_one() == 3
+    async with LifespanManager(DBPoolMiddleware(returning_app, engine)), engine.connect() as conn:
+        assert (await conn.execute(text("SELECT 3"))).scalar_one() == 3
 
 
 async def test_budget_runs_out_but_the_answer_still_goes_out(
@@ -280,7 +283,7 @@ async def test_force_exit_still_closes_connections(
     assert task.cancelled()
     log = messages(caplog)
     assert "asgi_dbpool: lifespan cancelled without a shutdown message; closing connections now" in log
-    holders = "asgi_dbpool: cancelling 1 task(s) still holding connections: worker (%s)" % worker.__qualname__
+    holders = f"asgi_dbpool: cancelling 1 task(s) still holding connections: worker ({worker.__qualname__})"
     assert holders in log
     assert sum("closing a leaked connection" in line for line in log) == 1
     assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]

@@ -47,7 +47,9 @@ def unraisable(args: Any) -> None:
 
 
 def build_app(url: str, wrap: bool) -> Any:
-    engine = create_async_engine(url, pool_size=5, max_overflow=5, connect_args={"server_settings": {"application_name": "repro"}})
+    engine = create_async_engine(
+        url, pool_size=5, max_overflow=5, connect_args={"server_settings": {"application_name": "repro"}}
+    )
     maker = async_sessionmaker(engine, expire_on_commit=False)
     leaked: list[AsyncSession] = []
 

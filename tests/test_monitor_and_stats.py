@@ -1,0 +1,217 @@
+"""The pool monitor and the stats sub-app, on real pools."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import asyncpg
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from asgi_dbpool import DBPoolMiddleware, PoolStatsApp
+from asgi_dbpool._monitor import PoolMonitor
+from asgi_dbpool._tracker import tracker_for
+from tests.conftest import asyncpg_dsn
+
+pytestmark = pytest.mark.anyio
+PATH = "/api/system/database/pool"
+
+
+@contextlib.asynccontextmanager
+async def checked_out(engine: AsyncEngine, n: int) -> AsyncIterator[list[AsyncConnection]]:
+    async with contextlib.AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(engine.connect()) for _ in range(n)]
+        for conn in conns:
+            await conn.execute(text("SELECT 1"))
+        yield conns
+
+
+def monitor_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    return [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "asgi_dbpool.monitor"]
+
+
+async def test_monitor_warns_once_per_episode_and_says_when_it_clears(
+    make_engine: Callable[..., AsyncEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make_engine(pool_size=5, max_overflow=2)
+    monitor = PoolMonitor([tracker_for(engine, "main")], interval=60)
+    caplog.set_level(logging.INFO, logger="asgi_dbpool.monitor")
+    monitor.check()  # idle: nothing to say
+    async with checked_out(engine, 4):  # 4 is not > 0.8 x 5
+        monitor.check()
+    async with checked_out(engine, 5):  # 5 > 0.8 x 5
+        monitor.check()
+        monitor.check()  # same episode: silent
+        async with checked_out(engine, 1):  # 6 connections: one in overflow, same episode
+            monitor.check()
+    monitor.check()
+    await engine.dispose()
+    assert monitor_lines(caplog) == [
+        (
+            "WARNING",
+            "asgi_dbpool: pool 'main' under pressure: checked_out=5 > 0.8 x pool_size=5 (pool_size=5, checked_in=0, "
+            "checked_out=5, overflow=0, invalid=0); consider raising DB_POOL_SIZE or finding slow queries and "
+            "leaked sessions",
+        ),
+        (
+            "INFO",
+            "asgi_dbpool: pool 'main' back to normal (pool_size=5, checked_in=5, checked_out=0, overflow=0, invalid=0)",
+        ),
+    ]
+
+
+async def test_monitor_survives_a_failing_pool(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken:
+        name = "broken"
+
+        def snapshot(self) -> dict[str, int]:
+            raise ValueError("cannot read")
+
+    monitor = PoolMonitor([Broken()], interval=0.001)  # type: ignore[list-item]
+    caplog.set_level(logging.INFO, logger="asgi_dbpool.monitor")
+    task = asyncio.create_task(monitor.run())
+    while monitor.ticks < 3:  # noqa: ASYNC110 - waiting for the monitor's own counter
+        await asyncio.sleep(0.001)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) >= 3
+    assert errors[0].getMessage() == "asgi_dbpool: could not read pool 'broken'"
+
+
+async def test_monitor_runs_under_the_middleware_and_stops_at_shutdown(make_engine: Callable[..., AsyncEngine]) -> None:
+    app = DBPoolMiddleware(Starlette(), make_engine(), monitor_interval=0.005)
+    async with LifespanManager(app):
+        while app.monitor.ticks < 2:  # noqa: ASYNC110 - waiting for the monitor's own counter
+            await asyncio.sleep(0.005)
+        task = app._monitor_task
+    assert task is not None
+    assert task.done()
+    ticks = app.monitor.ticks
+    await asyncio.sleep(0.02)
+    assert app.monitor.ticks == ticks
+
+
+def test_monitor_rejects_a_bad_interval() -> None:
+    with pytest.raises(ValueError, match="monitor_interval=0 must be a positive number"):
+        PoolMonitor([], interval=0)
+
+
+async def test_stats_endpoint_reports_the_pool(make_engine: Callable[..., AsyncEngine], database_url: str) -> None:
+    engine = make_engine(pool_size=4, max_overflow=3)
+    other = make_engine(pool_size=2, max_overflow=0)
+    app = DBPoolMiddleware(Starlette(), {"main": engine, "reports": other})
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            async with checked_out(engine, 2):
+                body = (await client.get(PATH)).json()
+            assert body["status"] == "ok"
+            assert body["default_engine"] == "main"
+            assert {k: body[k] for k in ("pool_size", "checked_in", "checked_out", "overflow", "invalid")} == {
+                "pool_size": 4,
+                "checked_in": 0,
+                "checked_out": 2,
+                "overflow": 0,  # QueuePool.overflow() is -2 here; never shown negative
+                "invalid": 0,
+            }
+            assert body["engines"]["reports"] == {
+                "pool_size": 2,
+                "checked_in": 1,
+                "checked_out": 0,
+                "overflow": 0,
+                "invalid": 0,
+            }
+            text_body = json.dumps(body)
+            for secret in ("postgres", "host", "asyncpg", "/tmp", database_url):
+                assert secret not in text_body
+            slash = await client.get(PATH + "/")
+            assert slash.status_code == 200
+            head = await client.head(PATH)
+            assert (head.status_code, head.content, head.headers["content-type"]) == (200, b"", "application/json")
+            post = await client.post(PATH, content=b"x")
+            assert (post.status_code, post.headers["allow"]) == (405, "GET, HEAD")
+            assert (await client.get(PATH + "/nope")).status_code == 404
+            assert (await client.get("/elsewhere")).status_code == 404  # the app's own 404
+
+
+async def test_invalid_counts_invalidations(make_engine: Callable[..., AsyncEngine], database_url: str) -> None:
+    engine = make_engine(pool_size=2, pool_pre_ping=True)
+    stats = PoolStatsApp(engine)
+    async with engine.connect() as conn:
+        pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+    admin = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid) is True
+    finally:
+        await admin.close()
+    async with engine.connect() as conn:  # pre-ping finds the dead connection and replaces it
+        assert (await conn.execute(text("SELECT 5"))).scalar_one() == 5
+    assert stats.figures()["invalid"] == 1
+    await engine.dispose()
+
+
+async def test_status_turns_to_shutting_down(make_engine: Callable[..., AsyncEngine]) -> None:
+    statuses: list[str] = []
+    app: DBPoolMiddleware
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        statuses.append(app.stats_app.figures()["status"])
+
+    app = DBPoolMiddleware(Starlette(lifespan=lifespan), make_engine())
+    async with LifespanManager(app):
+        statuses.append(app.stats_app.figures()["status"])
+    assert statuses == ["ok", "shutting_down"]
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"authorization": "Bearer wrong"}, 401),
+        ({"authorization": "Basic c2VjcmV0"}, 401),
+        ({"authorization": "Bearer s3cret-token"}, 200),
+        ({"authorization": "bearer   s3cret-token"}, 200),
+    ],
+)
+async def test_stats_token(make_engine: Callable[..., AsyncEngine], headers: dict[str, str], status: int) -> None:
+    app = DBPoolMiddleware(Starlette(), make_engine(), stats_token="s3cret-token", stats_path="/pool/")
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            response = await client.get("/pool", headers=headers)
+    assert response.status_code == status
+    if status == 401:
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert "s3cret" not in response.text
+
+
+async def test_stats_can_be_turned_off(make_engine: Callable[..., AsyncEngine]) -> None:
+    async def hello(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("app")
+
+    app = DBPoolMiddleware(Starlette(routes=[Route(PATH, hello)]), make_engine(), stats_path=None)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get(PATH)).text == "app"
+
+
+@pytest.mark.parametrize("bad", ["pool", "/", ""])
+def test_bad_stats_path(bad: str) -> None:
+    with pytest.raises(ValueError, match="stats_path="):
+        DBPoolMiddleware(Starlette(), {"x": object()}, stats_path=bad)  # type: ignore[dict-item]

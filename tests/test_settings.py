@@ -1,0 +1,191 @@
+"""``PoolSettings.from_env``: the report's variables, profile defaults and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from asgi_dbpool import ConfigError, PoolSettings
+
+pytestmark = pytest.mark.anyio
+
+
+def test_development_defaults() -> None:
+    s = PoolSettings.from_env({})
+    assert (s.environment, s.pool_size, s.max_overflow, s.pool_timeout, s.pool_recycle, s.pool_pre_ping) == (
+        "development",
+        10,
+        20,
+        30.0,
+        3600,
+        True,
+    )
+    assert s.query_timeout == 30.0
+    assert PoolSettings.from_env({"ENVIRONMENT": "staging"}).pool_size == 10
+
+
+def test_production_defaults() -> None:
+    s = PoolSettings.from_env({"ENVIRONMENT": " Production "})
+    assert (s.environment, s.pool_size, s.max_overflow, s.pool_timeout, s.pool_recycle) == (
+        "production",
+        30,
+        40,
+        30.0,
+        1800,
+    )
+    assert s.is_production
+
+
+def test_variables_override_the_profile() -> None:
+    s = PoolSettings.from_env(
+        {
+            "ENVIRONMENT": "production",
+            "DB_POOL_SIZE": "8",
+            "DB_MAX_OVERFLOW": "0",
+            "DB_POOL_TIMEOUT": "2.5",
+            "DB_POOL_RECYCLE": "0",
+            "DB_POOL_PRE_PING": "off",
+            "DB_QUERY_TIMEOUT": "0",
+        }
+    )
+    assert (s.pool_size, s.max_overflow, s.pool_timeout, s.pool_recycle, s.pool_pre_ping, s.query_timeout) == (
+        8,
+        0,
+        2.5,
+        0,
+        False,
+        0.0,
+    )
+    assert s.engine_options() == {
+        "pool_size": 8,
+        "max_overflow": 0,
+        "pool_timeout": 2.5,
+        "pool_recycle": -1,
+        "pool_pre_ping": False,
+    }
+
+
+@pytest.mark.parametrize("spelling", ["1", "true", "TRUE", "yes", "on", " True "])
+def test_true_spellings(spelling: str) -> None:
+    assert PoolSettings.from_env({"DB_POOL_PRE_PING": spelling}).pool_pre_ping is True
+
+
+@pytest.mark.parametrize("spelling", ["0", "false", "No", "off"])
+def test_false_spellings(spelling: str) -> None:
+    assert PoolSettings.from_env({"DB_POOL_PRE_PING": spelling}).pool_pre_ping is False
+
+
+BAD = [
+    ("DB_POOL_SIZE", "", "is not a whole number"),
+    ("DB_POOL_SIZE", "ten", "is not a whole number"),
+    ("DB_POOL_SIZE", "-1", "is out of range"),
+    ("DB_POOL_SIZE", "0", "is out of range"),
+    ("DB_POOL_SIZE", "1.5", "is not a whole number"),
+    ("DB_POOL_SIZE", "99999999999999999999", "is out of range"),
+    ("DB_MAX_OVERFLOW", "-5", "is out of range"),
+    ("DB_POOL_TIMEOUT", "soon", "is not a number of seconds"),
+    ("DB_POOL_TIMEOUT", "0", "is out of range"),
+    ("DB_POOL_TIMEOUT", "-3", "is out of range"),
+    ("DB_POOL_TIMEOUT", "nan", "is out of range"),
+    ("DB_POOL_TIMEOUT", "inf", "is out of range"),
+    ("DB_POOL_TIMEOUT", "1e12", "is out of range"),
+    ("DB_POOL_RECYCLE", "-1", "is out of range"),
+    ("DB_QUERY_TIMEOUT", "", "is not a number of seconds"),
+    ("DB_POOL_PRE_PING", "maybe", "is not a boolean"),
+    ("DB_POOL_PRE_PING", "", "is not a boolean"),
+    ("ENVIRONMENT", "", "is not an environment name"),
+    ("ENVIRONMENT", "prod uction", "is not an environment name"),
+    ("ASYNC_DATABASE_URL", "mysql+aiomysql://u:p@h/db", "unsupported scheme 'mysql+aiomysql'"),
+    ("ASYNC_DATABASE_URL", "not a url", "is not a database URL"),
+    ("DATABASE_URL", "sqlite:///x.db", "unsupported scheme 'sqlite'"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "reason"), BAD)
+def test_bad_values_name_the_variable_and_the_value(variable: str, value: str, reason: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        PoolSettings.from_env({variable: value})
+    message = str(info.value)
+    expected_value = value if "URL" not in variable else value.replace(":p@", ":***@")
+    assert message.startswith(f"{variable}={expected_value!r} ")
+    assert reason in message
+    assert isinstance(info.value, ValueError)
+
+
+def test_url_errors_mask_the_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        PoolSettings.from_env({"ASYNC_DATABASE_URL": "mysql://app:hunter2@db/app"})
+    assert "hunter2" not in str(info.value)
+    assert "app:***@db" in str(info.value)
+
+
+def test_typed_construction_is_validated_too() -> None:
+    with pytest.raises(ConfigError, match=r"pool_size='-3' is out of range"):
+        PoolSettings(pool_size=-3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    variable=st.sampled_from(
+        [
+            "DB_POOL_SIZE",
+            "DB_MAX_OVERFLOW",
+            "DB_POOL_TIMEOUT",
+            "DB_POOL_RECYCLE",
+            "DB_POOL_PRE_PING",
+            "DB_QUERY_TIMEOUT",
+            "ENVIRONMENT",
+            "ASYNC_DATABASE_URL",
+            "DATABASE_URL",
+        ]
+    ),
+    value=st.text(),
+)
+def test_any_string_is_accepted_or_a_config_error(variable: str, value: str) -> None:
+    try:
+        PoolSettings.from_env({variable: value})
+    except ConfigError as exc:
+        message = str(exc)
+    else:
+        return
+    assert message.startswith(f"{variable}=")
+
+
+async def test_create_async_engine_uses_the_settings(database_url: str) -> None:
+    s = PoolSettings.from_env(
+        {"DATABASE_URL": database_url.replace("+asyncpg", "+psycopg2"), "DB_POOL_SIZE": "3", "DB_QUERY_TIMEOUT": "7"}
+    )
+    engine = s.create_async_engine()
+    try:
+        assert isinstance(engine, AsyncEngine)
+        assert engine.url.drivername == "postgresql+asyncpg"  # DATABASE_URL's driver switched
+        assert engine.pool.size() == 3
+        assert engine.pool._recycle == 3600
+        async with engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            assert raw.driver_connection._config.command_timeout == 7
+    finally:
+        await engine.dispose()
+
+
+def test_create_sync_engine_uses_database_url(database_url: str) -> None:
+    from sqlalchemy import text
+
+    s = PoolSettings.from_env(
+        {"DATABASE_URL": database_url.replace("+asyncpg", "+psycopg2"), "DB_QUERY_TIMEOUT": "1.5"}
+    )
+    engine = s.create_sync_engine()
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "1500ms"
+    finally:
+        engine.dispose()
+
+
+def test_missing_urls_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="No database URL is set"):
+        PoolSettings.from_env({}).create_async_engine()
+    with pytest.raises(ConfigError, match="DATABASE_URL is not set"):
+        PoolSettings.from_env({}).create_sync_engine()
