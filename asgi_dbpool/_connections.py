@@ -13,15 +13,23 @@ logger = logging.getLogger("asgi_dbpool")
 
 #: Close code the middleware uses for WebSockets it closes at shutdown ("going away").
 GOING_AWAY = 1001
+#: Close codes that mean "the server is going away" (uvicorn closes with 1012 before lifespan.shutdown).
+SHUTDOWN_CODES = frozenset({GOING_AWAY, 1012})
+
+
+def ended_by_shutdown(exc: BaseException, close_code: int | None) -> bool:
+    """A handler's ``*Disconnect`` exception (Starlette, FastAPI, Litestar) after a server-shutdown close."""
+    return close_code in SHUTDOWN_CODES and type(exc).__name__.endswith("Disconnect")
 
 
 class _WebSocket:
     """One accepted WebSocket: the server's ``send`` and a way to interrupt the handler's ``receive``."""
 
-    __slots__ = ("closed", "closed_by_shutdown", "done", "interrupt", "send")
+    __slots__ = ("close_code", "closed", "closed_by_shutdown", "done", "interrupt", "send")
 
     def __init__(self, send: Send) -> None:
         self.send = send
+        self.close_code: int | None = None
         self.closed = False
         self.closed_by_shutdown = False
         self.interrupt: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -81,6 +89,7 @@ class ConnectionTracker:
                 message = pending.result()
                 if message["type"] == "websocket.disconnect":
                     ws.closed = True
+                    ws.close_code = message.get("code", 1005)
                 return message
             pending.cancel()
             return _disconnect()
@@ -90,9 +99,9 @@ class ConnectionTracker:
         try:
             await app(scope, tracked_receive, tracked_send)
         except Exception as exc:
-            if ws is None or not ws.closed_by_shutdown:
+            if ws is None or not (ws.closed_by_shutdown or ended_by_shutdown(exc, ws.close_code)):
                 raise
-            # The handler only failed because shutdown closed its socket (e.g. WebSocketDisconnect).
+            # The handler only failed because shutdown closed its socket (e.g. WebSocketDisconnect(1012)).
             logger.debug("asgi_dbpool: WebSocket handler ended by shutdown with %r", exc)
         finally:
             unit.done = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import warnings
 from collections.abc import Iterable
@@ -44,6 +45,20 @@ def is_shutdown_noise(record: logging.LogRecord) -> bool:
     return any(marker in text for marker in _EXPECTED) or any(isinstance(e, PoolClosedError) for e in chain)
 
 
+def is_cancelled_stream_callback(record: logging.LogRecord) -> bool:
+    """CPython gh-113538 (fixed in 3.12.2): asyncio logs a cancelled server connection task as an error.
+
+    Servers such as hypercorn cancel their connection tasks when they stop; the StreamReaderProtocol callback
+    then calls ``exception()`` on the cancelled task. It is never an error, shutting down or not.
+    """
+    exc = record.exc_info[1] if record.exc_info else None
+    return (
+        record.name == "asyncio"
+        and isinstance(exc, asyncio.CancelledError)
+        and "StreamReaderProtocol.connection_made" in record.getMessage()
+    )
+
+
 class ShutdownNoiseFilter(logging.Filter):
     """A logging filter that demotes shutdown noise to DEBUG while :func:`is_shutting_down` is true.
 
@@ -52,7 +67,9 @@ class ShutdownNoiseFilter(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno <= logging.DEBUG or not is_shutting_down() or not is_shutdown_noise(record):
+        if record.levelno <= logging.DEBUG:
+            return True
+        if not is_cancelled_stream_callback(record) and not (is_shutting_down() and is_shutdown_noise(record)):
             return True
         record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)

@@ -8,6 +8,7 @@ import itertools
 import os
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -23,9 +24,15 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+#: What PostgreSQL logs when a client vanished instead of closing its connection.
+UNCLEAN_DISCONNECT = ("unexpected EOF on client connection", "connection to client lost", "could not receive data")
+SERVER_LOG: Path | None = None  # the embedded server's log file; None when an outside server is used
+
+
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """An SQLAlchemy asyncpg URL of a live server."""
+    global SERVER_LOG
     given = os.environ.get("ASGI_DBPOOL_TEST_DATABASE_URL")
     if given:
         yield str(make_url(given).set(drivername="postgresql+asyncpg"))
@@ -35,13 +42,28 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         warnings.simplefilter("ignore")
         import pgserver
 
-    server = pgserver.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="stop")
-    server.psql("ALTER SYSTEM SET log_disconnections = on; ALTER SYSTEM SET log_connections = on;")
+    pgdata = tmp_path_factory.mktemp("pgdata")
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    server.psql(
+        "ALTER SYSTEM SET log_disconnections = on; ALTER SYSTEM SET log_connections = on; "
+        "ALTER SYSTEM SET log_line_prefix = '%m [%p] app=%a ';"
+    )
     server.psql("SELECT pg_reload_conf();")
+    SERVER_LOG = pgdata / "log"
     try:
         yield str(make_url(server.get_uri()).set(drivername="postgresql+asyncpg"))
     finally:
+        SERVER_LOG = None
         server.cleanup()
+
+
+def unclean_disconnects(application_names: list[str]) -> list[str]:
+    """Lines of the embedded server's log saying one of these clients vanished without closing."""
+    if SERVER_LOG is None or not SERVER_LOG.exists():
+        return []
+    tags = tuple(f"app={name} " for name in application_names)
+    lines = SERVER_LOG.read_text(errors="replace").splitlines()
+    return [line for line in lines if any(t in line for t in tags) and any(u in line for u in UNCLEAN_DISCONNECT)]
 
 
 def asyncpg_dsn(url: str) -> str:
@@ -99,3 +121,4 @@ async def make_engine(database_url: str) -> AsyncIterator[Callable[..., AsyncEng
     for _, engine in factory.made:
         await engine.dispose()
     assert left == dict.fromkeys(left, 0), f"backends left after the test: {left}"
+    assert unclean_disconnects(list(left)) == []

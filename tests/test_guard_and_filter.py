@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import warnings
@@ -171,3 +172,19 @@ def test_asyncpg_cancel_warning_is_demoted_during_shutdown(shutting_down: None) 
         warnings.showwarning = original
     assert shown == ["coroutine 'my_job' was never awaited"]
     assert sys.modules["asgi_dbpool._logfilter"]._original_showwarning is None
+
+
+@pytest.mark.parametrize("flag", [True, False], ids=["shutting-down", "running"])
+def test_cancelled_stream_callback_is_always_demoted(flag: bool) -> None:
+    """CPython gh-113538: a cancelled server connection task logged as an error by asyncio itself."""
+    (mark_shutting_down if flag else clear_shutting_down)()
+    message = "Exception in callback StreamReaderProtocol.connection_made.<locals>.callback(<Task cancelled>)"
+    rec = record(message, asyncio.CancelledError(), name="asyncio")
+    other = record("Exception in callback Foo.bar()", asyncio.CancelledError(), name="asyncio")
+    try:
+        ShutdownNoiseFilter().filter(rec)
+        ShutdownNoiseFilter().filter(other)
+    finally:
+        clear_shutting_down()
+    assert rec.levelno == logging.DEBUG
+    assert other.levelno == logging.ERROR

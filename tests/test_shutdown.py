@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
 import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
@@ -19,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from asgi_dbpool import DBPoolMiddleware, PoolClosedError
 from tests.conftest import backends
@@ -291,3 +293,55 @@ async def test_force_exit_still_closes_connections(
 
 async def returning_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     return None
+
+
+async def test_the_server_log_check_can_fail(database_url: str) -> None:
+    """The per-test check for unclean disconnects sees a client process that dies mid-transaction (the control)."""
+    from tests import conftest
+
+    if conftest.SERVER_LOG is None:
+        pytest.skip("an outside server is in use (ASGI_DBPOOL_TEST_DATABASE_URL); its log is not readable here")
+    script = (
+        "import asyncio, os, sys, asyncpg\n"
+        "async def main():\n"
+        "    conn = await asyncpg.connect(sys.argv[1], server_settings={'application_name': 'vanisher'})\n"
+        "    await conn.execute('BEGIN')\n"
+        "    os._exit(3)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, conftest.asyncpg_dsn(database_url))
+    assert await proc.wait() == 3
+    for _ in range(200):
+        found = conftest.unclean_disconnects(["vanisher"])
+        if found:
+            break
+        await asyncio.sleep(0.01)
+    assert len(found) == 1
+    assert "unexpected EOF on client connection with an open transaction" in found[0]
+
+
+@pytest.mark.parametrize(("code", "swallowed"), [(1012, True), (1001, True), (1000, False), (1006, False)])
+async def test_disconnect_raised_after_a_server_shutdown_close(
+    code: int, swallowed: bool, make_engine: Callable[..., AsyncEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn closes sockets with 1012 before lifespan.shutdown: the handler's WebSocketDisconnect is noise then."""
+
+    async def ws_endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.receive_text()
+
+    app = DBPoolMiddleware(Starlette(routes=[WebSocketRoute("/ws", ws_endpoint)]), make_engine())
+    driver = LifespanDriver(app)
+    await driver.startup()
+    peer = WebSocketPeer(app, state=driver.state)
+    await peer.connect()
+    caplog.set_level(logging.DEBUG, logger="asgi_dbpool")
+    await peer.inbox.put({"type": "websocket.disconnect", "code": code})
+    assert peer.task is not None
+    if swallowed:
+        await peer.task
+        assert f"asgi_dbpool: WebSocket handler ended by shutdown with WebSocketDisconnect({code}" in caplog.text
+    else:
+        with pytest.raises(WebSocketDisconnect):
+            await peer.task
+    await driver.shutdown()

@@ -20,12 +20,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import websockets
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 NOISY = ("sqlalchemy", "asyncpg", "asyncio", "py.warnings")
 noise: list[str] = []
@@ -39,7 +41,10 @@ class Recorder(logging.Handler):
             events.append(f"{record.levelname} {record.getMessage()}")
             return
         if shutdown_began and record.levelno >= logging.WARNING and record.name.split(".")[0] in NOISY:
-            noise.append(f"{record.name} {record.levelname} {record.getMessage().splitlines()[0]}")
+            noise.append(
+                f"{record.name} {record.levelname} {record.getMessage().splitlines()[0]}"
+                + (f" EXC {record.exc_info[1]!r}" if record.exc_info else "")
+            )
 
 
 def unraisable(args: Any) -> None:
@@ -75,7 +80,16 @@ def build_app(url: str, wrap: bool) -> Any:
             value = (await session.execute(text("SELECT 41 + 1"))).scalar_one()
         return JSONResponse({"value": value})
 
-    app: Any = Starlette(routes=[Route("/leak", leak), Route("/query", query)], lifespan=lifespan)
+    async def ws(websocket: WebSocket) -> None:  # holds a session while the socket is open
+        await websocket.accept()
+        async with maker() as session:
+            await session.execute(text("SELECT 1"))
+            await websocket.send_text("ready")
+            while True:
+                await websocket.receive_text()
+
+    routes = [Route("/leak", leak), Route("/query", query), WebSocketRoute("/ws", ws)]
+    app: Any = Starlette(routes=routes, lifespan=lifespan)
     if wrap:
         from asgi_dbpool import DBPoolMiddleware
 
@@ -114,7 +128,7 @@ async def main(server: str, wrap: bool) -> int:
 
         config = Config()
         config.bind = [f"127.0.0.1:{port}"]
-        config.graceful_timeout = 2.0
+        config.graceful_timeout = 0.5
 
         async def serve() -> None:
             await hyper_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
@@ -132,10 +146,14 @@ async def main(server: str, wrap: bool) -> int:
             response = await client.get(path)
             response.raise_for_status()
             served += 1
+    socket_client = await websockets.connect(f"ws://127.0.0.1:{port}/ws")
+    assert await socket_client.recv() == "ready"
     await asyncio.sleep(0.1)  # let the poller run
     shutdown_began = True
     stop.set()
     await server_task
+    await socket_client.close()
+    events.append(f"client saw close code {socket_client.close_code}")
     del leaked
     return served
 
