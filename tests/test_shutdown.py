@@ -11,7 +11,6 @@ import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
