@@ -25,10 +25,12 @@ def ended_by_shutdown(exc: BaseException, close_code: int | None) -> bool:
 class _WebSocket:
     """One accepted WebSocket: the server's ``send`` and a way to interrupt the handler's ``receive``."""
 
-    __slots__ = ("close_code", "closed", "closed_by_shutdown", "done", "interrupt", "send")
+    __slots__ = ("close_code", "closed", "closed_by_shutdown", "done", "interrupt", "pending", "send")
 
     def __init__(self, send: Send) -> None:
         self.send = send
+        # The server's receive() in flight; kept across calls so a cancelled receive loses no message.
+        self.pending: asyncio.Future[Message] | None = None
         self.close_code: int | None = None
         self.closed = False
         self.closed_by_shutdown = False
@@ -83,9 +85,12 @@ class ConnectionTracker:
         async def tracked_receive() -> Message:
             if ws is None or ws.closed:
                 return await receive() if ws is None or not ws.closed_by_shutdown else _disconnect()
-            pending = asyncio.ensure_future(receive())
+            if ws.pending is None:
+                ws.pending = asyncio.ensure_future(receive())
+            pending = ws.pending
             await asyncio.wait((pending, ws.interrupt), return_when=asyncio.FIRST_COMPLETED)
             if pending.done():
+                ws.pending = None
                 message = pending.result()
                 if message["type"] == "websocket.disconnect":
                     ws.closed = True
@@ -107,6 +112,8 @@ class ConnectionTracker:
             unit.done = True
             current_unit.reset(token)
             if ws is not None:
+                if ws.pending is not None:
+                    ws.pending.cancel()
                 self.websockets.discard(ws)
                 ws.done.set()
 

@@ -77,7 +77,7 @@ async def shutdown(mw: DBPoolMiddleware, inner: InnerLifespan) -> tuple[str, str
     """Run steps 1-7 of the shutdown; return the wrapped app's shutdown outcome for the answer (step 8)."""
     budget = Budget(mw.shutdown_timeout)
     mw._enter_shutdown()  # 1. the flag first
-    logger.info("asgi_dbpool: shutdown started (budget %.1fs)", mw.shutdown_timeout)
+    logger.info("asgi_dbpool: shutdown flag set (budget %.1fs)", mw.shutdown_timeout)
 
     # 2. WebSockets: close (idempotently) and wait for their handlers, which usually hold sessions.
     open_sockets = len(mw.connections.websockets)

@@ -102,7 +102,7 @@ async def test_steps_run_in_order(make_engine: Callable[..., AsyncEngine], caplo
     assert peer.task.exception() is None
     log = messages(caplog)
     assert log[1:] == [
-        "asgi_dbpool: shutdown started (budget 5.0s)",
+        "asgi_dbpool: shutdown flag set (budget 5.0s)",
         "asgi_dbpool: 1 WebSocket(s) closed (1 were open, 0 already closed by the server)",
         "asgi_dbpool: 1 in-flight request(s) drained",
         "asgi_dbpool: monitor and 1 registered task(s) stopped",
@@ -344,3 +344,27 @@ async def test_disconnect_raised_after_a_server_shutdown_close(
         with pytest.raises(WebSocketDisconnect):
             await peer.task
     await driver.shutdown()
+
+
+async def test_a_cancelled_websocket_receive_loses_no_message(make_engine: Callable[..., AsyncEngine]) -> None:
+    got: list[str] = []
+
+    async def ws_endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(websocket.receive_text(), 0.01)  # cancelled while waiting
+        got.append(await websocket.receive_text())
+        await websocket.receive_text()  # disconnect: shutdown closes the socket
+
+    app = DBPoolMiddleware(Starlette(routes=[WebSocketRoute("/ws", ws_endpoint)]), make_engine())
+    driver = LifespanDriver(app)
+    await driver.startup()
+    peer = WebSocketPeer(app, state=driver.state)
+    await peer.connect()
+    await asyncio.sleep(0.05)
+    await peer.inbox.put({"type": "websocket.receive", "text": "hello"})
+    while not got:  # noqa: ASYNC110 - waiting for the handler
+        await asyncio.sleep(0.005)
+    assert got == ["hello"]
+    assert await driver.shutdown() == {"type": "lifespan.shutdown.complete"}
+    assert peer.types() == ["websocket.accept", "websocket.close"]

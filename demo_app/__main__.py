@@ -1,0 +1,139 @@
+"""``python -m demo_app [--server uvicorn|hypercorn] [--host H] [--port P] [--data-dir DIR]``
+
+With neither ``ASYNC_DATABASE_URL`` nor ``DATABASE_URL`` set, an embedded PostgreSQL (``pgserver``) is
+started in ``--data-dir`` and stopped on exit. ``DB_*`` variables configure the pool (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from asgi_dbpool import ConfigError, PoolSettings, mask_url
+
+from .app import create_app
+
+logger = logging.getLogger("demo_app")
+
+
+class Stopped(BaseException):
+    """A SIGINT/SIGTERM arrived (or was re-raised by uvicorn after its clean shutdown)."""
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise Stopped(signum)
+
+
+@contextmanager
+def database(settings: PoolSettings, data_dir: Path) -> Iterator[str]:
+    """The async URL to use: the configured one, or an embedded server's (stopped on exit)."""
+    if settings.async_database_url or settings.database_url:
+        yield str(settings.async_url().render_as_string(hide_password=False))
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        import pgserver
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(data_dir.resolve(), cleanup_mode="stop")
+    logger.info("demo_app: embedded PostgreSQL running in %s (stopped on exit)", data_dir.resolve())
+    try:
+        yield str(make_url(server.get_uri()).set(drivername="postgresql+asyncpg"))
+    finally:
+        server.cleanup()
+        logger.info("demo_app: embedded PostgreSQL stopped")
+
+
+def serve_uvicorn(app: Any, host: str, port: int) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    server.run()  # re-raises the caught signal after a clean shutdown: that is our Stopped
+    if not server.started:
+        raise SystemExit(3)
+
+
+def serve_hypercorn(app: Any, host: str, port: int) -> None:
+    from hypercorn.asyncio import serve
+    from hypercorn.config import Config
+
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.graceful_timeout = 5.0
+    logging.getLogger("hypercorn.error").propagate = False  # hypercorn prints its own lines already
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+    asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m demo_app", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--server", choices=["uvicorn", "hypercorn"], default="uvicorn")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--data-dir", type=Path, default=Path(".pgdata"), help="embedded PostgreSQL data directory")
+    parser.add_argument("--cleanup-interval", type=float, default=30.0, help="seconds between cleanup runs")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s")
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    warnings.simplefilter("default", DeprecationWarning)  # show the legacy layer's warning
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        settings = PoolSettings.from_env()
+    except ConfigError as exc:
+        print(f"demo_app: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with database(settings, args.data_dir) as url:
+            engine = settings.create_async_engine(
+                url, connect_args={"server_settings": {"application_name": "asgi_dbpool-demo"}}
+            )
+            sync_url = make_url(settings.database_url or url)
+            if sync_url.drivername in ("postgresql+asyncpg", "postgres", "postgresql"):
+                sync_url = sync_url.set(drivername="postgresql+psycopg2")
+            sync_engine = settings.create_sync_engine(
+                sync_url, connect_args={"application_name": "asgi_dbpool-demo-sync"}
+            )
+            logger.info(
+                "demo_app: database %s; serving with %s on http://%s:%d",
+                mask_url(url),
+                args.server,
+                args.host,
+                args.port,
+            )
+            app = create_app(engine, sync_engine, cleanup_interval=args.cleanup_interval)
+            with contextlib.suppress(Stopped):
+                (serve_uvicorn if args.server == "uvicorn" else serve_hypercorn)(app, args.host, args.port)
+    except Stopped:  # a signal before the server was up
+        pass
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    logger.info("demo_app: stopped cleanly")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
