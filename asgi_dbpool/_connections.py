@@ -52,8 +52,24 @@ class ConnectionTracker:
         self._http_idle.clear()
         unit = Unit()
         token = current_unit.set(unit)
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
         try:
-            await app(scope, receive, send)
+            await app(scope, receive, tracked_send)
+        except asyncio.CancelledError:
+            # Only a server cancels a request task: its graceful-shutdown timeout ran out, or it is force-exiting.
+            # The app's own `async with` blocks have rolled back by now; answer 503 instead of letting the server
+            # print a traceback and send 500 (or reset the connection).
+            if started or unit.task is None:
+                raise
+            unit.task.uncancel()
+            await _answer_cancelled(scope, send)
         finally:
             unit.done = True
             current_unit.reset(token)
@@ -137,6 +153,26 @@ class ConnectionTracker:
             if not ws.interrupt.done():
                 ws.interrupt.set_result(None)
         return closed, waits
+
+
+async def _answer_cancelled(scope: Scope, send: Send) -> None:
+    logger.warning(
+        "asgi_dbpool: %s %s was cancelled by the server (shutting down) before it answered; answering 503",
+        scope.get("method"),
+        scope.get("path"),
+    )
+    body = b'{"detail":"the server is shutting down"}'
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        (b"retry-after", b"1"),
+    ]
+    try:
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    except Exception as exc:  # the server already dropped the connection
+        logger.debug("asgi_dbpool: could not answer the cancelled request: %r", exc)
 
 
 def _disconnect() -> dict[str, Any]:

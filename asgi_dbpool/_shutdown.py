@@ -59,10 +59,15 @@ class Budget:
             return False
 
     async def cancel_and_wait(self, tasks: Iterable[asyncio.Task[Any]], what: str, deadline: float) -> int:
-        """Cancel ``tasks`` and wait for them to finish; return how many there were."""
+        """Cancel ``tasks`` and wait for them to finish; return how many there were.
+
+        A task already being cancelled (``asyncio.run`` cancels every task at a forced exit) is only waited
+        for: a second cancellation would interrupt the graceful connection close its first one started.
+        """
         pending = [t for t in tasks if not t.done()]
         for task in pending:
-            task.cancel()
+            if not task.cancelling():
+                task.cancel()
         if pending:
             await self.wait(
                 asyncio.wait(pending),

@@ -1,0 +1,110 @@
+"""The app of the real-server shutdown matrix (issue: proof on real servers).
+
+Served by a real server process: ``uvicorn tests.apps.server_app:app`` (wrapped) or ``...:bare_app``
+(the control, no middleware). Reads ``ASGI_DBPOOL_TEST_DATABASE_URL`` and ``MATRIX_APP_NAME`` (the
+``application_name`` of its connections and the ``run`` column of its writes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from asgi_dbpool import DBPoolMiddleware
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+logging.captureWarnings(True)
+
+RUN = os.environ.get("MATRIX_APP_NAME", "matrix")
+engine = create_async_engine(
+    os.environ["ASGI_DBPOOL_TEST_DATABASE_URL"],
+    pool_size=20,
+    max_overflow=10,
+    connect_args={"server_settings": {"application_name": RUN}},
+)
+maker = async_sessionmaker(engine, expire_on_commit=False)
+leaked: list[AsyncSession] = []
+
+
+async def poller() -> None:
+    """An app background task that keeps querying and is never cancelled by the app."""
+    while True:
+        async with maker() as session:
+            await session.execute(text("SELECT pg_sleep(0.02)"))
+        await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async with engine.begin() as conn:
+        await conn.execute(text("SELECT pg_advisory_xact_lock(4242)"))  # servers of parallel tests race here
+        await conn.execute(
+            text("CREATE TABLE IF NOT EXISTS matrix_writes (id serial PRIMARY KEY, run text, token text UNIQUE)")
+        )
+    asyncio.get_running_loop().create_task(poller())
+    yield
+
+
+async def write(request: Request) -> JSONResponse:
+    token = request.query_params["token"]
+    seconds = float(request.query_params.get("sleep", "0.3"))
+    async with maker() as session:
+        await session.execute(text("SELECT pg_sleep(:s)"), {"s": seconds})
+        row = await session.execute(
+            text("INSERT INTO matrix_writes (run, token) VALUES (:r, :t) RETURNING id"), {"r": RUN, "t": token}
+        )
+        new_id = row.scalar_one()
+        await session.commit()
+    return JSONResponse({"id": new_id, "token": token})
+
+
+async def slow(request: Request) -> JSONResponse:
+    async with maker() as session:
+        await session.execute(text("SELECT pg_sleep(0.6)"))
+        count = (await session.execute(text("SELECT count(*) FROM matrix_writes"))).scalar_one()
+    return JSONResponse({"count": count})
+
+
+async def leak(request: Request) -> JSONResponse:
+    session = maker()
+    await session.execute(text("SELECT 1"))  # checked out, in a transaction, never closed
+    leaked.append(session)
+    return JSONResponse({"leaked": len(leaked)})
+
+
+async def ws(websocket: WebSocket) -> None:
+    await websocket.accept()
+    async with maker() as session:
+        await session.execute(text("SELECT 1"))
+        await websocket.send_text("ready")
+        while True:
+            message: Any = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"ok": True})
+
+
+routes = [
+    Route("/health", health),
+    Route("/write", write, methods=["POST"]),
+    Route("/slow", slow),
+    Route("/leak", leak),
+    WebSocketRoute("/ws", ws),
+]
+bare_app = Starlette(routes=routes, lifespan=lifespan)
+app = DBPoolMiddleware(bare_app, engine, shutdown_timeout=float(os.environ.get("MATRIX_SHUTDOWN_TIMEOUT", "5")))

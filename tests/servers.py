@@ -1,0 +1,201 @@
+"""Running the test app under a real server process, driving traffic, and reading what happened."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import re
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import websockets
+
+from tests.conftest import asyncpg_dsn, unclean_disconnects, wait_for_no_backends
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Signatures that must never appear in a wrapped server's output.
+NOISE_MARKERS = (
+    "Event loop is closed",
+    "was never awaited",
+    "Exception terminating connection",
+    "garbage collector is trying to clean up",
+    "Traceback (most recent call last)",
+    "Exception ignored in",
+)
+NOISY_LOGGERS = re.compile(r"^(WARNING|ERROR|CRITICAL) (sqlalchemy|asyncpg|asyncio|py\.warnings)\b", re.M)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def server_command(server: str, target: str, port: int, graceful: float) -> list[str]:
+    spec = f"tests.apps.server_app:{target}"
+    if server == "uvicorn":
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            spec,
+            "--port",
+            str(port),
+            "--timeout-graceful-shutdown",
+            str(int(graceful)),
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "hypercorn",
+        spec,
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--graceful-timeout",
+        str(int(graceful)),
+    ]
+
+
+@dataclasses.dataclass
+class Run:
+    """One server process and what happened to it."""
+
+    server: str
+    wrapped: bool
+    database_url: str
+    log_path: Path
+    name: str = dataclasses.field(default_factory=lambda: f"m_{uuid.uuid4().hex[:10]}")
+    port: int = dataclasses.field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+    exit_code: int | None = None
+    writes: dict[str, Any] = dataclasses.field(default_factory=dict)  # token -> status or error
+    ids: dict[str, int] = dataclasses.field(default_factory=dict)  # token -> id answered with 200
+    slow: Any = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, graceful: float, extra_env: dict[str, str] | None = None) -> None:
+        env = {
+            **os.environ,
+            "ASGI_DBPOOL_TEST_DATABASE_URL": self.database_url,
+            "MATRIX_APP_NAME": self.name,
+            "PYTHONPATH": str(ROOT),
+            **(extra_env or {}),
+        }
+        command = server_command(self.server, "app" if self.wrapped else "bare_app", self.port, graceful)
+        with self.log_path.open("wb") as out:
+            self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    async def wait_up(self) -> None:
+        assert self.proc is not None
+        async with httpx.AsyncClient(base_url=self.base) as client:
+            for _ in range(400):
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"server exited early ({self.proc.returncode}):\n{self.output()}")
+                try:
+                    if (await client.get("/health")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError(f"server did not come up:\n{self.output()}")
+
+    async def active_sleeps(self) -> int:
+        conn = await asyncpg.connect(asyncpg_dsn(self.database_url))
+        try:
+            return int(
+                await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND state = 'active' "
+                    "AND query LIKE 'SELECT pg_sleep(%' AND query NOT LIKE '%0.02%'",
+                    self.name,
+                )
+            )
+        finally:
+            await conn.close()
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait_exit(self, limit: float = 30) -> int:
+        assert self.proc is not None
+        try:
+            self.exit_code = await asyncio.to_thread(self.proc.wait, limit)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        return self.exit_code
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def noise(self) -> list[str]:
+        text = self.output()
+        found = [marker for marker in NOISE_MARKERS if marker in text]
+        return found + [m.group(0) for m in NOISY_LOGGERS.finditer(text)]
+
+    async def stored(self) -> dict[str, int]:
+        conn = await asyncpg.connect(asyncpg_dsn(self.database_url))
+        try:
+            rows = await conn.fetch("SELECT token, id FROM matrix_writes WHERE run = $1", self.name)
+            return {row["token"]: row["id"] for row in rows}
+        finally:
+            await conn.close()
+
+    async def backends_left(self) -> int:
+        return await wait_for_no_backends(self.database_url, self.name)
+
+    def unclean(self) -> list[str]:
+        return unclean_disconnects([self.name])
+
+
+async def drive(run: Run, signals: list[tuple[float, int]], write_seconds: float, writes: int = 6) -> None:
+    """Leak two sessions, open a WebSocket, start writes and a slow read, then send ``signals`` mid-flight."""
+    async with httpx.AsyncClient(base_url=run.base, timeout=30) as client:
+        for _ in range(2):
+            assert (await client.get("/leak")).status_code == 200
+        ws = await websockets.connect(f"ws://127.0.0.1:{run.port}/ws")
+        assert await ws.recv() == "ready"
+
+        async def write(token: str) -> None:
+            try:
+                response = await client.post("/write", params={"token": token, "sleep": write_seconds})
+            except httpx.HTTPError as exc:
+                run.writes[token] = type(exc).__name__
+                return
+            run.writes[token] = response.status_code
+            if response.status_code == 200:
+                run.ids[token] = response.json()["id"]
+
+        async def slow() -> None:
+            try:
+                run.slow = (await client.get("/slow")).status_code
+            except httpx.HTTPError as exc:
+                run.slow = type(exc).__name__
+
+        tasks = [asyncio.create_task(write(f"{run.name}-{i}")) for i in range(writes)]
+        tasks.append(asyncio.create_task(slow()))
+        for _ in range(400):  # every request is in the database now: accepted by the server before the signal
+            if await run.active_sleeps() >= writes + 1:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the requests never reached the database")
+        for delay, sig in signals:
+            await asyncio.sleep(delay)
+            run.signal(sig)
+        await asyncio.gather(*tasks)
+        with contextlib.suppress(websockets.WebSocketException):
+            await ws.close()
+    await run.wait_exit()

@@ -1,0 +1,84 @@
+"""The shutdown matrix: real uvicorn and hypercorn processes, real signals, real PostgreSQL.
+
+For each server and signal case the wrapped app must shut down with no noise, nothing lost, a clean
+database side and a normal exit; the same case without the middleware (the control) must show at least
+one of those problems, or the matrix would prove nothing.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.servers import Run, drive
+
+pytestmark = [pytest.mark.anyio, pytest.mark.servers]
+
+# case -> (signals as (delay before, signal), seconds each write sleeps in SQL, server graceful timeout)
+CASES = {
+    "sigterm": ([(0.0, signal.SIGTERM)], 0.3, 10.0),
+    "sigint": ([(0.0, signal.SIGINT)], 0.3, 10.0),
+    "double-sigint": ([(0.0, signal.SIGINT), (0.2, signal.SIGINT)], 0.3, 10.0),
+    "graceful-timeout": ([(0.0, signal.SIGTERM)], 3.0, 1.0),
+}
+#: What each server's process exits with after a clean shutdown on that signal (see the README).
+NORMAL_EXIT = {
+    ("uvicorn", "sigterm"): -signal.SIGTERM,  # uvicorn re-raises the caught signal after a clean shutdown
+    ("uvicorn", "graceful-timeout"): -signal.SIGTERM,
+    ("uvicorn", "sigint"): 0,  # ...and its CLI turns the re-raised SIGINT into exit 0
+    ("uvicorn", "double-sigint"): 0,
+}
+#: The cases in which the server itself cancels requests (so 503 answers are the expected outcome).
+CUTS_REQUESTS = {("uvicorn", "double-sigint"), ("uvicorn", "graceful-timeout"), ("hypercorn", "graceful-timeout")}
+
+
+async def run_case(server: str, case: str, wrapped: bool, database_url: str, tmp_path: Path) -> Run:
+    signals, write_seconds, graceful = CASES[case]
+    run = Run(server=server, wrapped=wrapped, database_url=database_url, log_path=tmp_path / f"{server}-{case}.log")
+    run.start(graceful)
+    await run.wait_up()
+    await drive(run, signals, write_seconds)
+    return run
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+async def test_wrapped_app_shuts_down_clean(server: str, case: str, database_url: str, tmp_path: Path) -> None:
+    run = await run_case(server, case, True, database_url, tmp_path)
+    output = run.output()
+    # normal exit
+    assert run.exit_code == NORMAL_EXIT.get((server, case), 0), output
+    # no noise
+    assert run.noise() == [], output
+    # nothing lost: every request accepted before the signal completed, or got a clean 503
+    allowed = {200, 503} if (server, case) in CUTS_REQUESTS else {200}
+    assert set(run.writes.values()) <= allowed, (run.writes, output)
+    assert run.slow in allowed, output
+    stored = await run.stored()
+    assert {t: i for t, i in stored.items() if t in run.ids} == run.ids  # every 200 is in the table
+    assert set(stored) == set(run.ids), (stored, run.writes)  # and nothing unanswered was half-written
+    # clean on the database side
+    assert run.unclean() == []
+    assert await run.backends_left() == 0
+    # the middleware said what it did
+    assert "asgi_dbpool: 1 engine(s) disposed; leaks: 2 closed (see warnings above)" in output
+    assert output.count("closing a leaked connection checked out at") == 2
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+async def test_control_without_the_middleware_shows_a_problem(
+    server: str, case: str, database_url: str, tmp_path: Path
+) -> None:
+    run = await run_case(server, case, False, database_url, tmp_path)
+    stored = await run.stored()
+    problems = {
+        "noise": run.noise(),
+        "unclean disconnects": run.unclean(),
+        "backends left": await run.backends_left(),
+        "cut or failed requests": {t: s for t, s in run.writes.items() if s not in (200, 503)},
+        "lost writes": {t: i for t, i in run.ids.items() if stored.get(t) != i},
+    }
+    assert any(problems.values()), problems
