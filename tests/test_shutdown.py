@@ -368,3 +368,42 @@ async def test_a_cancelled_websocket_receive_loses_no_message(make_engine: Calla
     assert got == ["hello"]
     assert await driver.shutdown() == {"type": "lifespan.shutdown.complete"}
     assert peer.types() == ["websocket.accept", "websocket.close"]
+
+
+async def test_a_request_cancelled_by_the_server_gets_a_clean_503(
+    make_engine: Callable[..., AsyncEngine], database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What uvicorn does when --timeout-graceful-shutdown runs out: cancel the request task."""
+    engine = make_engine()
+    maker = async_sessionmaker(engine)
+    in_query = asyncio.Event()
+
+    async def write(request: Request) -> PlainTextResponse:
+        async with maker() as session, session.begin():
+            await session.execute(text("CREATE TEMP TABLE IF NOT EXISTS t (x int)"))
+            in_query.set()
+            await session.execute(text("SELECT pg_sleep(30)"))
+        return PlainTextResponse("never")  # pragma: no cover
+
+    app = DBPoolMiddleware(Starlette(routes=[Route("/", write, methods=["POST"])]), engine)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "query_string": b"", "root_path": ""}
+    caplog.set_level(logging.WARNING, logger="asgi_dbpool")
+    async with LifespanManager(app):
+        task = asyncio.create_task(app(scope, receive, send))
+        await asyncio.wait_for(in_query.wait(), 10)
+        task.cancel("Task cancelled, timeout graceful shutdown exceeded")
+        await task  # the cancellation ended in an answer, not an exception for the server to print
+        assert task.cancelling() == 0
+    assert sent[0]["status"] == 503
+    assert (b"connection", b"close") in sent[0]["headers"]
+    assert messages(caplog, logging.WARNING) == [
+        "asgi_dbpool: POST / was cancelled by the server (shutting down) before it answered; answering 503"
+    ]

@@ -32,6 +32,7 @@ engine = create_async_engine(
     os.environ["ASGI_DBPOOL_TEST_DATABASE_URL"],
     pool_size=20,
     max_overflow=10,
+    pool_pre_ping=True,
     connect_args={"server_settings": {"application_name": RUN}},
 )
 maker = async_sessionmaker(engine, expire_on_commit=False)
@@ -41,8 +42,12 @@ leaked: list[AsyncSession] = []
 async def poller() -> None:
     """An app background task that keeps querying and is never cancelled by the app."""
     while True:
-        async with maker() as session:
-            await session.execute(text("SELECT pg_sleep(0.02)"))
+        try:
+            async with maker() as session:
+                await session.execute(text("SELECT pg_sleep(0.02)"))
+        except Exception as exc:  # a database outage must not kill it (the fault tests stop the database)
+            logging.getLogger("matrix").info("poller: %s", type(exc).__name__)
+            await asyncio.sleep(0.1)
         await asyncio.sleep(0.02)
 
 
@@ -68,6 +73,11 @@ async def write(request: Request) -> JSONResponse:
         new_id = row.scalar_one()
         await session.commit()
     return JSONResponse({"id": new_id, "token": token})
+
+
+async def read(request: Request) -> JSONResponse:
+    async with maker() as session:
+        return JSONResponse({"value": (await session.execute(text("SELECT 7"))).scalar_one()})
 
 
 async def slow(request: Request) -> JSONResponse:
@@ -103,6 +113,7 @@ routes = [
     Route("/health", health),
     Route("/write", write, methods=["POST"]),
     Route("/slow", slow),
+    Route("/read", read),
     Route("/leak", leak),
     WebSocketRoute("/ws", ws),
 ]
