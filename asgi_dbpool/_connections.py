@@ -64,12 +64,11 @@ class ConnectionTracker:
             await app(scope, receive, tracked_send)
         except asyncio.CancelledError:
             # Only a server cancels a request task: its graceful-shutdown timeout ran out, or it is force-exiting.
-            # The app's own `async with` blocks have rolled back by now; answer 503 instead of letting the server
-            # print a traceback and send 500 (or reset the connection).
+            # Answer instead of letting the server print a traceback and send 500 (or reset the connection).
             if started or unit.task is None:
                 raise
             unit.task.uncancel()
-            await _answer_cancelled(scope, send)
+            await _answer_cancelled(scope, send, unit.committed)
         finally:
             unit.done = True
             current_unit.reset(token)
@@ -155,21 +154,30 @@ class ConnectionTracker:
         return closed, waits
 
 
-async def _answer_cancelled(scope: Scope, send: Send) -> None:
-    logger.warning(
-        "asgi_dbpool: %s %s was cancelled by the server (shutting down) before it answered; answering 503",
-        scope.get("method"),
-        scope.get("path"),
-    )
-    body = b'{"detail":"the server is shutting down"}'
+async def _answer_cancelled(scope: Scope, send: Send, committed: bool) -> None:
+    """503 + Retry-After when nothing was committed (its transactions rolled back: safe to retry); 500 without
+    Retry-After when a COMMIT was sent, since its changes may have been saved (a retry could apply them twice)."""
+    method, path = scope.get("method"), scope.get("path")
+    if committed:
+        status, retry = 500, []
+        body = b'{"detail":"the server shut down while answering, after a commit: the changes may be saved"}'
+        logger.warning("asgi_dbpool: %s %s was cancelled by the server after it committed; answering 500", method, path)
+    else:
+        status, retry = 503, [(b"retry-after", b"1")]
+        body = b'{"detail":"the server is shutting down; nothing was committed"}'
+        logger.warning(
+            "asgi_dbpool: %s %s was cancelled by the server (shutting down) before it answered; answering 503",
+            method,
+            path,
+        )
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"connection", b"close"),
-        (b"retry-after", b"1"),
+        *retry,
     ]
     try:
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
     except Exception as exc:  # the server already dropped the connection
         logger.debug("asgi_dbpool: could not answer the cancelled request: %r", exc)

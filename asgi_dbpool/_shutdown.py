@@ -130,9 +130,15 @@ async def shutdown(mw: DBPoolMiddleware, inner: InnerLifespan) -> tuple[str, str
 
 
 async def close_engines(mw: DBPoolMiddleware, budget: Budget) -> None:
-    """Cancel the tasks still holding connections, close the leaks for real, dispose all engines."""
+    """Refuse checkouts, cancel the tasks still holding connections, close the leaks, dispose all engines.
+
+    Checkouts are refused first: a task that is not holding a connection at the moment of the scan must not
+    take one from the pool while it is being disposed (its query would be cut when the process exits).
+    """
     me = asyncio.current_task()
     trackers = mw.all_trackers()
+    for tracker in trackers:
+        tracker.refuse_checkouts()
     owners = set().union(*(t.owners(me) for t in trackers))
     if owners:
         names = ", ".join(sorted(describe_task(t) for t in owners))

@@ -30,13 +30,15 @@ _internal_cache: dict[str, bool] = {}
 
 
 class Unit:
-    """One request or WebSocket handled through the middleware: its task, and whether it has finished."""
+    """One request or WebSocket handled through the middleware: its task, whether it has finished, and
+    whether it has sent a COMMIT (then a request cut off by the server may have saved its changes)."""
 
-    __slots__ = ("done", "task")
+    __slots__ = ("committed", "done", "task")
 
     def __init__(self) -> None:
         self.task = _current_task()
         self.done = False
+        self.committed = False
 
 
 #: The request/WebSocket being served in this context (set by the middleware around each call).
@@ -133,9 +135,13 @@ class PoolTracker:
         event.listen(engine, "detach", self._on_detach)
         event.listen(engine, "invalidate", self._on_invalidate)
         event.listen(engine, "do_connect", self._on_do_connect)
+        event.listen(engine, "commit", self._on_commit)
 
     # -- pool events -------------------------------------------------------------------------
     def _on_checkout(self, dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection) -> None:
+        if self.closed:
+            # SQLAlchemy closes the pooled connection it was about to hand out (gracefully: we are in its greenlet).
+            raise self._refusal()
         task = _current_task()
         self.checkouts[id(record)] = Checkout(
             record=record,
@@ -153,15 +159,23 @@ class PoolTracker:
         self.checkouts.pop(id(record), None)
 
     def _on_invalidate(self, dbapi_connection: Any, record: ConnectionPoolEntry, exc: BaseException | None) -> None:
-        if id(record) not in self._reclaiming:
+        if not self.closed and id(record) not in self._reclaiming:
             self.invalidations += 1
 
     def _on_do_connect(self, dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
         if self.closed:
-            raise PoolClosedError(
-                f"asgi_dbpool: engine {self.name!r} was disposed at shutdown; no new database connections are "
-                "opened now. Finish database work before the app's lifespan shutdown completes."
-            )
+            raise self._refusal()
+
+    def _on_commit(self, connection: Any) -> None:
+        unit = current_unit.get()
+        if unit is not None:
+            unit.committed = True
+
+    def _refusal(self) -> PoolClosedError:
+        return PoolClosedError(
+            f"asgi_dbpool: engine {self.name!r} is closed for shutdown; no database connection is handed out or "
+            "opened now. Finish database work before the app's lifespan shutdown completes."
+        )
 
     def remove(self) -> None:
         """Stop listening (used when a middleware is discarded, e.g. in tests)."""
@@ -171,6 +185,7 @@ class PoolTracker:
             ("detach", self._on_detach),
             ("invalidate", self._on_invalidate),
             ("do_connect", self._on_do_connect),
+            ("commit", self._on_commit),
         ):
             if event.contains(self.engine, name, fn):
                 event.remove(self.engine, name, fn)
@@ -229,8 +244,12 @@ class PoolTracker:
             self.checkouts.pop(key, None)
             self.reclaimed += 1
 
+    def refuse_checkouts(self) -> None:
+        """From now on every checkout fails at once with :class:`PoolClosedError` (until :meth:`reopen`)."""
+        self.closed = True
+
     async def dispose(self) -> None:
-        """Close every pooled connection and refuse new ones from here on."""
+        """Close every pooled connection (checkouts are refused from here on)."""
         self.closed = True
         if self.async_engine is not None:
             await self.async_engine.dispose(close=True)

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
@@ -23,7 +24,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from asgi_dbpool import DBPoolMiddleware, PoolClosedError
-from tests.conftest import backends
+from tests.conftest import asyncpg_dsn, backends
 from tests.helpers import LifespanDriver, WebSocketPeer
 
 pytestmark = pytest.mark.anyio
@@ -203,7 +204,7 @@ async def test_checkout_after_shutdown_fails_at_once(
     engine = make_engine()
     async with LifespanManager(DBPoolMiddleware(returning_app, engine)):
         pass
-    with pytest.raises(PoolClosedError, match="engine 'default' was disposed at shutdown"):
+    with pytest.raises(PoolClosedError, match="engine 'default' is closed for shutdown"):
         async with engine.connect():
             pass  # pragma: no cover
     assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
@@ -407,3 +408,73 @@ async def test_a_request_cancelled_by_the_server_gets_a_clean_503(
     assert messages(caplog, logging.WARNING) == [
         "asgi_dbpool: POST / was cancelled by the server (shutting down) before it answered; answering 503"
     ]
+
+
+async def test_refused_checkout_of_a_pooled_connection_closes_it(
+    make_engine: Callable[..., AsyncEngine], database_url: str
+) -> None:
+    """Once shutdown reclaims, even an idle pooled connection is not handed out (it is closed instead)."""
+    from asgi_dbpool._tracker import tracker_for
+
+    engine = make_engine()
+    tracker = tracker_for(engine, "default")
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+    assert engine.pool.checkedin() == 1
+    tracker.refuse_checkouts()
+    try:
+        with pytest.raises(PoolClosedError, match="engine 'default' is closed for shutdown"):
+            async with engine.connect():
+                pass  # pragma: no cover
+        assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
+        assert tracker.snapshot()["invalid"] == 0  # a refusal is not an invalidation
+    finally:
+        tracker.reopen()
+
+
+async def test_a_request_cancelled_after_its_commit_gets_500_without_retry_after(
+    make_engine: Callable[..., AsyncEngine], database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 503 would invite a retry of a write that may already be saved: after a COMMIT the answer is 500."""
+    engine = make_engine()
+    maker = async_sessionmaker(engine)
+    committed = asyncio.Event()
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE IF NOT EXISTS cut_writes (v int)"))
+        await conn.execute(text("DELETE FROM cut_writes"))
+
+    async def write(request: Request) -> PlainTextResponse:
+        async with maker() as session:
+            await session.execute(text("INSERT INTO cut_writes VALUES (1)"))
+            await session.commit()
+            committed.set()
+            await asyncio.sleep(30)  # e.g. a slow call to another service after the commit
+        return PlainTextResponse("never")  # pragma: no cover
+
+    app = DBPoolMiddleware(Starlette(routes=[Route("/", write, methods=["POST"])]), engine)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "query_string": b"", "root_path": ""}
+    caplog.set_level(logging.WARNING, logger="asgi_dbpool")
+    async with LifespanManager(app):
+        task = asyncio.create_task(app(scope, receive, send))
+        await asyncio.wait_for(committed.wait(), 10)
+        task.cancel()
+        await task
+    assert sent[0]["status"] == 500
+    assert b"retry-after" not in dict(sent[0]["headers"])
+    assert messages(caplog, logging.WARNING) == [
+        "asgi_dbpool: POST / was cancelled by the server after it committed; answering 500"
+    ]
+    conn = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM cut_writes") == 1  # the commit did happen
+        await conn.execute("DROP TABLE cut_writes")
+    finally:
+        await conn.close()
