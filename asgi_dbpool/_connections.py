@@ -1,4 +1,8 @@
-"""In-flight HTTP requests and open WebSockets, counted so shutdown can drain and close them."""
+"""In-flight HTTP requests and open WebSockets, counted so shutdown can drain and close them.
+
+This is the per-request hot path, so it keeps to counters, one context variable and no per-request
+task, event or send wrapper; waiting is set up only when shutdown asks for it.
+"""
 
 from __future__ import annotations
 
@@ -25,60 +29,43 @@ def ended_by_shutdown(exc: BaseException, close_code: int | None) -> bool:
 class _WebSocket:
     """One accepted WebSocket: the server's ``send`` and a way to interrupt the handler's ``receive``."""
 
-    __slots__ = ("close_code", "closed", "closed_by_shutdown", "done", "interrupt", "pending", "send")
+    __slots__ = ("close_code", "closed", "closed_by_shutdown", "interrupt", "pending", "send")
 
     def __init__(self, send: Send) -> None:
         self.send = send
         # The server's receive() in flight; kept across calls so a cancelled receive loses no message.
         self.pending: asyncio.Future[Message] | None = None
+        self.interrupt: asyncio.Future[None] | None = None  # made when a receive has to be raced
         self.close_code: int | None = None
         self.closed = False
         self.closed_by_shutdown = False
-        self.interrupt: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.done = asyncio.Event()
 
 
 class ConnectionTracker:
-    """Wraps each HTTP and WebSocket call of the app; knows what is still running."""
+    """Counts HTTP requests in flight and keeps the accepted WebSockets whose handlers still run."""
 
     def __init__(self) -> None:
         self.http_in_flight = 0
-        self._http_idle = asyncio.Event()
-        self._http_idle.set()
         self.websockets: set[_WebSocket] = set()
+        self._http_waiter: asyncio.Future[None] | None = None
+        self._ws_waiter: asyncio.Future[None] | None = None
 
-    async def http(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-        self.http_in_flight += 1
-        self._http_idle.clear()
-        unit = Unit()
-        token = current_unit.set(unit)
-        started = False
-
-        async def tracked_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await app(scope, receive, tracked_send)
-        except asyncio.CancelledError:
-            # Only a server cancels a request task: its graceful-shutdown timeout ran out, or it is force-exiting.
-            # Answer instead of letting the server print a traceback and send 500 (or reset the connection).
-            if started or unit.task is None:
-                raise
-            unit.task.uncancel()
-            await _answer_cancelled(scope, send, unit.committed)
-        finally:
-            unit.done = True
-            current_unit.reset(token)
-            self.http_in_flight -= 1
-            if not self.http_in_flight:
-                self._http_idle.set()
+    def http_done(self) -> None:
+        self.http_in_flight -= 1
+        if not self.http_in_flight and self._http_waiter is not None and not self._http_waiter.done():
+            self._http_waiter.set_result(None)
 
     async def wait_http(self) -> None:
         """Return when no HTTP request is in flight."""
-        await self._http_idle.wait()
+        while self.http_in_flight:
+            self._http_waiter = asyncio.get_running_loop().create_future()
+            await self._http_waiter
+
+    async def wait_websockets(self) -> None:
+        """Return when every accepted WebSocket's handler has returned."""
+        while self.websockets:
+            self._ws_waiter = asyncio.get_running_loop().create_future()
+            await self._ws_waiter
 
     async def websocket(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         ws: _WebSocket | None = None
@@ -98,21 +85,24 @@ class ConnectionTracker:
             await send(message)
 
         async def tracked_receive() -> Message:
-            if ws is None or ws.closed:
-                return await receive() if ws is None or not ws.closed_by_shutdown else _disconnect()
+            if ws is None:
+                return await receive()
+            if ws.closed_by_shutdown:
+                return _disconnect()
             if ws.pending is None:
                 ws.pending = asyncio.ensure_future(receive())
             pending = ws.pending
+            if ws.interrupt is None:
+                ws.interrupt = asyncio.get_running_loop().create_future()
             await asyncio.wait((pending, ws.interrupt), return_when=asyncio.FIRST_COMPLETED)
-            if pending.done():
-                ws.pending = None
-                message = pending.result()
-                if message["type"] == "websocket.disconnect":
-                    ws.closed = True
-                    ws.close_code = message.get("code", 1005)
-                return message
-            pending.cancel()
-            return _disconnect()
+            if not pending.done():
+                return _disconnect()  # shutdown closed the socket; the pending receive is cancelled at the end
+            ws.pending = None
+            message = pending.result()
+            if message["type"] == "websocket.disconnect":
+                ws.closed = True
+                ws.close_code = message.get("code", 1005)
+            return message
 
         unit = Unit()
         token = current_unit.set(unit)
@@ -130,18 +120,17 @@ class ConnectionTracker:
                 if ws.pending is not None:
                     ws.pending.cancel()
                 self.websockets.discard(ws)
-                ws.done.set()
+                if not self.websockets and self._ws_waiter is not None and not self._ws_waiter.done():
+                    self._ws_waiter.set_result(None)
 
-    async def close_websockets(self) -> tuple[int, list[asyncio.Event]]:
+    async def close_websockets(self) -> int:
         """Close every open WebSocket with 1001 (idempotent) and interrupt its handler's ``receive``.
 
-        Returns how many were closed here and the events that are set once each handler returned.
+        Returns how many were closed here (the others had been closed by the server or the app).
         """
         closed = 0
-        waits = []
         for ws in list(self.websockets):
             ws.closed_by_shutdown = True
-            waits.append(ws.done)
             if not ws.closed:
                 ws.closed = True
                 try:
@@ -149,27 +138,23 @@ class ConnectionTracker:
                     closed += 1
                 except Exception as exc:  # the server closed it first (uvicorn does, with 1012)
                     logger.debug("asgi_dbpool: WebSocket already closed by the server: %r", exc)
-            if not ws.interrupt.done():
+            if ws.interrupt is not None and not ws.interrupt.done():
                 ws.interrupt.set_result(None)
-        return closed, waits
+        return closed
 
 
-async def _answer_cancelled(scope: Scope, send: Send, committed: bool) -> None:
-    """503 + Retry-After when nothing was committed (its transactions rolled back: safe to retry); 500 without
-    Retry-After when a COMMIT was sent, since its changes may have been saved (a retry could apply them twice)."""
-    method, path = scope.get("method"), scope.get("path")
-    if committed:
+async def answer_cancelled(scope: Scope, send: Send, unit: Unit) -> bool:
+    """Answer a request the server cancelled; False when it cannot be answered (its response had started).
+
+    503 + Retry-After when nothing was committed (its transactions rolled back: safe to retry); 500 without
+    Retry-After when a COMMIT was sent, since its changes may have been saved (a retry could apply them twice).
+    """
+    if unit.committed:
         status, retry = 500, []
         body = b'{"detail":"the server shut down while answering, after a commit: the changes may be saved"}'
-        logger.warning("asgi_dbpool: %s %s was cancelled by the server after it committed; answering 500", method, path)
     else:
         status, retry = 503, [(b"retry-after", b"1")]
         body = b'{"detail":"the server is shutting down; nothing was committed"}'
-        logger.warning(
-            "asgi_dbpool: %s %s was cancelled by the server (shutting down) before it answered; answering 503",
-            method,
-            path,
-        )
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -178,9 +163,19 @@ async def _answer_cancelled(scope: Scope, send: Send, committed: bool) -> None:
     ]
     try:
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-    except Exception as exc:  # the server already dropped the connection
-        logger.debug("asgi_dbpool: could not answer the cancelled request: %r", exc)
+    except Exception:  # the response had started: servers reject a second start
+        return False
+    await send({"type": "http.response.body", "body": body})
+    method, path = scope.get("method"), scope.get("path")
+    if unit.committed:
+        logger.warning("asgi_dbpool: %s %s was cancelled by the server after it committed; answering 500", method, path)
+    else:
+        logger.warning(
+            "asgi_dbpool: %s %s was cancelled by the server (shutting down) before it answered; answering 503",
+            method,
+            path,
+        )
+    return True
 
 
 def _disconnect() -> dict[str, Any]:

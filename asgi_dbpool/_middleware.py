@@ -11,13 +11,13 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from . import _logfilter, _shutdown
-from ._connections import ConnectionTracker
+from ._connections import ConnectionTracker, answer_cancelled
 from ._guard import clear_shutting_down, mark_shutting_down
 from ._lifespan import InnerLifespan, one_line
 from ._monitor import PoolMonitor
 from ._settings import mask_url
 from ._stats import PoolStatsApp, route_path
-from ._tracker import PoolTracker, name_engines, tracker_for
+from ._tracker import PoolTracker, Unit, current_unit, name_engines, tracker_for
 from ._types import STATE_KEY, ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -106,28 +106,48 @@ class DBPoolMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http" or kind == "websocket":
-            if self.stats_path is not None:
-                path = route_path(scope)
-                if path == self.stats_path or path.startswith(self.stats_path + "/"):
-                    root = scope.get("root_path", "") + self.stats_path
-                    await self.stats_app(
-                        {**scope, "root_path": root, "path": root + path[len(self.stats_path) :]}, receive, send
-                    )
+            stats_path = self.stats_path
+            if stats_path is not None:
+                path = route_path(scope) if scope.get("root_path") else scope["path"]
+                if path.startswith(stats_path) and (len(path) == len(stats_path) or path[len(stats_path)] == "/"):
+                    root = scope.get("root_path", "") + stats_path
+                    sub_scope = {**scope, "root_path": root, "path": root + path[len(stats_path) :]}
+                    await self.stats_app(sub_scope, receive, send)
                     return
             state = scope.get("state")
             if state is None:
                 scope["state"] = {STATE_KEY: self}
             elif STATE_KEY not in state:
                 state[STATE_KEY] = self
-            if kind == "http":
+            if kind == "websocket":
                 if self.shutting_down:
-                    await _refuse_http(send)
+                    await send({"type": "websocket.close", "code": 1001})
                 else:
-                    await self.connections.http(self.app, scope, receive, send)
-            elif self.shutting_down:
-                await send({"type": "websocket.close", "code": 1001})
-            else:
-                await self.connections.websocket(self.app, scope, receive, send)
+                    await self.connections.websocket(self.app, scope, receive, send)
+                return
+            if self.shutting_down:
+                await _refuse_http(send)
+                return
+            # The HTTP hot path, inline: a counter and the request's unit (see _tracker.Unit).
+            connections = self.connections
+            connections.http_in_flight += 1
+            unit = Unit()
+            token = current_unit.set(unit)
+            try:
+                await self.app(scope, receive, send)
+            except asyncio.CancelledError:
+                # Only a server cancels a request task: its graceful-shutdown timeout ran out, or it is
+                # force-exiting. Answer cleanly instead of a traceback and a 500 or a reset connection.
+                task = unit.task
+                if task is None:
+                    raise
+                task.uncancel()
+                if not await answer_cancelled(scope, send, unit):
+                    raise
+            finally:
+                unit.done = True
+                current_unit.reset(token)
+                connections.http_done()
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
         else:

@@ -86,12 +86,12 @@ async def shutdown(mw: DBPoolMiddleware, inner: InnerLifespan) -> tuple[str, str
 
     # 2. WebSockets: close (idempotently) and wait for their handlers, which usually hold sessions.
     open_sockets = len(mw.connections.websockets)
-    closed, handlers = await mw.connections.close_websockets()
+    closed = await mw.connections.close_websockets()
     await budget.wait(
-        asyncio.gather(*(done.wait() for done in handlers)),
+        mw.connections.wait_websockets(),
         "WebSocket handlers",
         budget.drain_deadline,
-        lambda: f"{sum(not d.is_set() for d in handlers)} handler(s)",
+        lambda: f"{len(mw.connections.websockets)} handler(s)",
     )
     logger.info(
         "asgi_dbpool: %d WebSocket(s) closed (%d were open, %d already closed by the server)",
@@ -172,9 +172,9 @@ async def force_close(mw: DBPoolMiddleware, inner: InnerLifespan | None) -> None
     budget = Budget(min(mw.shutdown_timeout, FORCE_EXIT_BUDGET))
     mw._enter_shutdown()
     logger.info("asgi_dbpool: lifespan cancelled without a shutdown message; closing connections now")
-    _, handlers = await mw.connections.close_websockets()
+    await mw.connections.close_websockets()
     if inner is not None:
         inner.cancel()
-    await budget.wait(asyncio.gather(*(done.wait() for done in handlers)), "WebSocket handlers", budget.drain_deadline)
+    await budget.wait(mw.connections.wait_websockets(), "WebSocket handlers", budget.drain_deadline)
     await budget.cancel_and_wait([*mw._own_tasks(), *mw.tasks], "the monitor and registered tasks", budget.app_deadline)
     await close_engines(mw, budget)

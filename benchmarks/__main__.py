@@ -1,0 +1,352 @@
+"""``python -m benchmarks [--smoke] [--only NAME ...]``: what the middleware costs, side by side, in one run.
+
+Every figure is a ratio to a baseline measured in the same run, in interleaved rounds (the order rotates
+each round), reported as the median and the min-max over rounds. Results go to ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Iterator
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from .stats import Series, table
+
+ROOT = Path(__file__).resolve().parent.parent
+Rate = Callable[[], Awaitable[float]]
+
+
+@contextlib.contextmanager
+def database() -> Iterator[str]:
+    given = os.environ.get("BENCH_DATABASE_URL") or os.environ.get("ASGI_DBPOOL_TEST_DATABASE_URL")
+    if given:
+        yield str(make_url(given).set(drivername="postgresql+asyncpg"))
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+    with tempfile.TemporaryDirectory(prefix="bench-pg-") as pgdata:
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        try:
+            yield str(make_url(server.get_uri()).set(drivername="postgresql+asyncpg"))
+        finally:
+            server.cleanup()
+
+
+async def interleave(variants: dict[str, Rate], rounds: int, baseline: str) -> Series:
+    series = Series(baseline)
+    names = list(variants)
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            series.add(name, await variants[name]())
+    return series
+
+
+# -- 1. per-request overhead, in process ------------------------------------------------------------
+async def bench_inprocess(url: str, rounds: int, n: int) -> str:
+    from asgi_lifespan import LifespanManager
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route, WebSocketRoute
+
+    from asgi_dbpool import DBPoolMiddleware
+
+    engine = create_async_engine(url)
+    maker = async_sessionmaker(engine)
+
+    async def hello(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("hi")
+
+    async def ws(websocket: Any) -> None:
+        await websocket.accept()
+        await websocket.close()
+
+    routes = [Route("/", hello), WebSocketRoute("/ws", ws)]
+
+    class SessionMiddleware(BaseHTTPMiddleware):  # how fastapi-async-sqlalchemy provides sessions
+        async def dispatch(self, request: Any, call_next: Any) -> Any:
+            async with maker() as session:
+                request.state.session = session
+                return await call_next(request)
+
+    class Forward:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await self.app(scope, receive, send)
+
+    bare = Starlette(routes=routes)
+    apps: dict[str, Any] = {
+        "bare": bare,
+        "DBPoolMiddleware": DBPoolMiddleware(Starlette(routes=routes), engine),
+        "BaseHTTPMiddleware session": Starlette(routes=routes, middleware=[Middleware(SessionMiddleware)]),
+        "forwarding wrapper": Forward(Starlette(routes=routes)),
+    }
+    http_scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "path": "/",
+        "raw_path": b"/",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"bench")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "scheme": "http",
+    }
+    ws_scope = {
+        **http_scope,
+        "type": "websocket",
+        "path": "/ws",
+        "raw_path": b"/ws",
+        "scheme": "ws",
+        "subprotocols": [],
+    }
+
+    async def http_receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        return None
+
+    def http_rate(app: Any, state: dict[str, Any]) -> Rate:
+        async def run() -> float:
+            started = time.perf_counter()
+            for _ in range(n):
+                await app({**http_scope, "state": dict(state)}, http_receive, send)
+            return n / (time.perf_counter() - started)
+
+        return run
+
+    def ws_rate(app: Any, state: dict[str, Any]) -> Rate:
+        async def run() -> float:
+            started = time.perf_counter()
+            for _ in range(n // 4):
+                messages = iter([{"type": "websocket.connect"}, {"type": "websocket.disconnect", "code": 1000}])
+                await app({**ws_scope, "state": dict(state)}, _receiver(messages), send)
+            return (n // 4) / (time.perf_counter() - started)
+
+        return run
+
+    async with contextlib.AsyncExitStack() as stack:
+        states = {}
+        for name, app in apps.items():
+            manager = await stack.enter_async_context(LifespanManager(app))
+            states[name] = manager._state
+        http = await interleave({k: http_rate(a, states[k]) for k, a in apps.items()}, rounds, "bare")
+        wss = await interleave({k: ws_rate(a, states[k]) for k, a in apps.items()}, rounds, "bare")
+    await engine.dispose()
+    rows = [http.row(k, "req/s") for k in apps] + [
+        [f"{k} (WebSocket connect/close)", *wss.row(k, "conn/s")[1:]] for k in apps
+    ]
+    return table(["variant", "median rate", "ratio to bare", "min-max"], rows)
+
+
+# -- 3. pool instrumentation cost ----------------------------------------------------------------------
+async def bench_checkout(url: str, rounds: int, n: int) -> str:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from asgi_dbpool._tracker import tracker_for
+
+    plain = create_async_engine(url, pool_size=5)
+    tracked = create_async_engine(url, pool_size=5)
+    tracker_for(tracked, "tracked")
+
+    def rate(engine: Any) -> Rate:
+        async def run() -> float:
+            started = time.perf_counter()
+            for _ in range(n):
+                async with engine.connect():
+                    pass
+            return n / (time.perf_counter() - started)
+
+        return run
+
+    series = await interleave(
+        {"plain engine": rate(plain), "with asgi_dbpool events": rate(tracked)}, rounds, "plain engine"
+    )
+    await plain.dispose()
+    await tracked.dispose()
+    rows = [series.row(k, "checkouts/s") for k in ("plain engine", "with asgi_dbpool events")]
+    return table(["variant", "median rate", "ratio to plain", "min-max"], rows)
+
+
+# -- 2 and 4: a real uvicorn process -----------------------------------------------------------------------
+def _receiver(messages: Iterator[dict[str, Any]]) -> Callable[[], Awaitable[dict[str, Any]]]:
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    return receive
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def uvicorn_process(url: str, variant: str, pool: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = free_port()
+    env = {**os.environ, "BENCH_DATABASE_URL": url, "BENCH_POOL": pool, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", f"benchmarks.apps:{variant}", "--port", str(port), "--log-level", "warning"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for _ in range(400):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                break
+            time.sleep(0.025)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def bench_end_to_end(url: str, rounds: int, seconds: float) -> str:
+    results: dict[str, list[dict[str, Any]]] = {"bare": [], "wrapped": []}
+    for r in range(rounds):
+        for variant in ["bare", "wrapped"] if r % 2 == 0 else ["wrapped", "bare"]:
+            with uvicorn_process(url, variant, "10,10") as (proc, port):
+                out = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.loadgen", str(port), "/q", "64", str(seconds)],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                results[variant].append(json.loads(out.stdout))
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+    series = Series("bare")
+    p99 = Series("bare")
+    for variant, runs in results.items():
+        for res in runs:
+            series.add(variant, res["requests"] / res["seconds"])
+            lat = res["latencies_ms"]
+            p99.add(variant, lat[int(len(lat) * 0.99) - 1] if lat else float("nan"))
+    errors = {k: sum(r["errors"] for r in v) for k, v in results.items()}
+    rows = [
+        [
+            *series.row(k, "req/s")[:3],
+            series.row(k, "req/s")[3],
+            f"{statistics.median(p99.samples[k]):.1f} ms",
+            f"{statistics.median(p99.ratios(k)):.3f}",
+            str(errors[k]),
+        ]
+        for k in ("bare", "wrapped")
+    ]
+    return table(["variant", "median rate", "ratio to bare", "min-max", "p99 latency", "p99 ratio", "errors"], rows)
+
+
+def bench_shutdown(url: str, rounds: int) -> str:
+    series = Series("bare (never disposes)")
+    labels = {
+        "bare": "bare (never disposes)",
+        "report": "report (sleep 0.1 s + dispose)",
+        "wrapped": "DBPoolMiddleware",
+    }
+    for r in range(rounds):
+        order = list(labels)
+        order = order[r % 3 :] + order[: r % 3]
+        for variant in order:
+            with uvicorn_process(url, variant, "30,40") as (proc, port):
+                subprocess.run(  # warm the pool: 70 connections at once
+                    [sys.executable, "-m", "benchmarks.loadgen", str(port), "/hold", "70", "0.3"],
+                    cwd=ROOT,
+                    capture_output=True,
+                    check=True,
+                )
+                started = time.perf_counter()
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+                series.add(labels[variant], 1 / (time.perf_counter() - started))  # a rate, so ratios read alike
+    rows = []
+    for label in labels.values():
+        ms = [1000 / v for v in series.samples[label]]
+        base = [1000 / v for v in series.samples[series.baseline]]
+        diffs = [a - b for a, b in zip(ms, base, strict=True)]
+        rows.append(
+            [
+                label,
+                f"{statistics.median(ms):.1f} ms",
+                f"{statistics.median(diffs):+.1f} ms",
+                f"{min(ms):.1f}-{max(ms):.1f} ms",
+            ]
+        )
+    return table(["variant", "SIGTERM → exit (median)", "vs bare (median of per-round differences)", "min-max"], rows)
+
+
+def environment() -> str:
+    libs = ", ".join(f"{p} {version(p)}" for p in ("sqlalchemy", "asyncpg", "starlette", "uvicorn", "asgi-dbpool"))
+    return f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}; {libs}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="one tiny round of each (for the test suite)")
+    parser.add_argument("--only", nargs="*", choices=["inprocess", "checkout", "e2e", "shutdown"])
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    args = parser.parse_args(argv)
+    chosen = set(args.only or ["inprocess", "checkout", "e2e", "shutdown"])
+    rounds, n, seconds = (1, 200, 0.3) if args.smoke else (7, 20000, 3.0)
+    sections = [
+        f"# Benchmark results\n\nMachine: {environment()}.\n"
+        f"Mode: {'smoke (not a measurement)' if args.smoke else f'{rounds} interleaved rounds'}.\n"
+    ]
+    with database() as url:
+        if "inprocess" in chosen:
+            sections.append(
+                "## Per-request overhead, in process (trivial Starlette endpoint)\n\n"
+                + asyncio.run(bench_inprocess(url, rounds, n))
+            )
+        if "checkout" in chosen:
+            sections.append("## Pool checkout/checkin loop\n\n" + asyncio.run(bench_checkout(url, rounds, n)))
+        if "e2e" in chosen:
+            sections.append(
+                "## End to end: uvicorn, one `SELECT 1` per request, 64 keep-alive clients\n\n"
+                + bench_end_to_end(url, max(rounds // 2, 1), seconds)
+            )
+        if "shutdown" in chosen:
+            sections.append(
+                "## Shutdown latency: pool warmed to 30 + 40 connections, SIGTERM → exit\n\n"
+                + bench_shutdown(url, max(rounds // 2, 1))
+            )
+    text = "\n\n".join(sections) + "\n"
+    print(text)
+    if not args.smoke:
+        args.output.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
