@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import sys
 import time
@@ -59,19 +58,28 @@ def _is_internal(filename: str) -> bool:
         return internal
 
 
-def checkout_site() -> str:
-    """``file:line`` of the innermost frame outside SQLAlchemy/asyncpg/asyncio, across greenlet boundaries."""
-    frame: FrameType | None = sys._getframe(1)
+def checkout_site() -> tuple[str, int]:
+    """``(file, line)`` of the innermost frame outside SQLAlchemy/asyncpg/asyncio, across greenlet boundaries.
+
+    With the asyncio engine the checkout runs in a greenlet spawned by SQLAlchemy whose frames are all
+    SQLAlchemy's (or a ``run_sync`` callable's): the walk starts in the awaiting (parent) greenlet, a few
+    frames below the user's ``await``.
+    """
     glet: Any = greenlet.getcurrent()
+    if glet.parent is not None:
+        glet = glet.parent
+        frame: FrameType | None = glet.gr_frame
+    else:
+        frame = sys._getframe(1)
     while True:
         while frame is not None:
             filename = frame.f_code.co_filename
             if not _is_internal(filename):
-                return f"{filename}:{frame.f_lineno}"
+                return filename, frame.f_lineno
             frame = frame.f_back
         glet = glet.parent
         if glet is None:
-            return "<unknown>"
+            return "<unknown>", 0
         frame = glet.gr_frame
 
 
@@ -82,16 +90,25 @@ def _current_task() -> asyncio.Task[Any] | None:
         return None
 
 
-@dataclasses.dataclass(slots=True)
 class Checkout:
-    """One connection that is checked out right now."""
+    """One connection that is checked out right now (made on every checkout: kept small and cheap)."""
 
-    record: ConnectionPoolEntry
-    proxy: weakref.ref[PoolProxiedConnection]
-    task: weakref.ref[asyncio.Task[Any]] | None
-    site: str
-    since: float
-    unit: Unit | None
+    __slots__ = ("owner", "proxy", "record", "since", "unit", "where")
+
+    def __init__(
+        self,
+        record: ConnectionPoolEntry,
+        proxy: weakref.ref[PoolProxiedConnection],
+        owner: asyncio.Task[Any] | None,
+        where: tuple[str, int],
+        unit: Unit | None,
+    ) -> None:
+        self.record = record
+        self.proxy = proxy
+        self.owner = owner  # held until checkin: a finished task that leaked stays inspectable
+        self.where = where
+        self.since = time.monotonic()
+        self.unit = unit
 
     def is_leak(self, current: asyncio.Task[Any] | None) -> bool:
         """True when nobody is working with this connection any more (its holder moved on or ended).
@@ -107,8 +124,8 @@ class Checkout:
         return unit is not None and unit.done and unit.task is owner
 
     @property
-    def owner(self) -> asyncio.Task[Any] | None:
-        return None if self.task is None else self.task()
+    def site(self) -> str:
+        return f"{self.where[0]}:{self.where[1]}"
 
     def describe(self, now: float) -> str:
         owner = self.owner
@@ -142,14 +159,8 @@ class PoolTracker:
         if self.closed:
             # SQLAlchemy closes the pooled connection it was about to hand out (gracefully: we are in its greenlet).
             raise self._refusal()
-        task = _current_task()
         self.checkouts[id(record)] = Checkout(
-            record=record,
-            proxy=weakref.ref(proxy),
-            task=None if task is None else weakref.ref(task),
-            site=checkout_site(),
-            since=time.monotonic(),
-            unit=current_unit.get(),
+            record, weakref.ref(proxy), _current_task(), checkout_site(), current_unit.get()
         )
 
     def _on_checkin(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
