@@ -10,7 +10,7 @@ import asyncio
 import logging
 from typing import Any
 
-from ._tracker import Unit, current_unit
+from ._checkout import Unit, current_unit
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("asgi_dbpool")

@@ -11,13 +11,14 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from . import _logfilter, _shutdown
+from ._checkout import Unit, current_unit
 from ._connections import ConnectionTracker, answer_cancelled
 from ._guard import clear_shutting_down, mark_shutting_down
 from ._lifespan import InnerLifespan, one_line
 from ._monitor import PoolMonitor
 from ._settings import mask_url
 from ._stats import PoolStatsApp, route_path
-from ._tracker import PoolTracker, Unit, current_unit, name_engines, tracker_for
+from ._tracker import PoolTracker, name_engines, tracker_for
 from ._types import STATE_KEY, ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:

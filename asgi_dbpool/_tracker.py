@@ -1,153 +1,39 @@
-"""Per-engine bookkeeping through pool events: who holds which connection, and closing what is left."""
+"""Per-engine bookkeeping through pool events: who holds which connection, timings, and closing what is left."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 import weakref
-from contextvars import ContextVar
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-import greenlet
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
+
+from ._checkout import Checkout, _current_task, _on_session_commit, checkout_site, checkout_stack, current_unit
+from ._metrics import Histogram
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
-from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import Session
-
 logger = logging.getLogger("asgi_dbpool")
-
-# Frames from these places are not "the code that checked the connection out".
-_INTERNAL_PARTS = ("/sqlalchemy/", "/asyncpg/", "/asyncio/", "/greenlet/", "/asgi_dbpool/", "/contextlib.py")
-_internal_cache: dict[str, bool] = {}
-
-
-class Unit:
-    """One request or WebSocket handled through the middleware: its task, whether it has finished, and
-    whether it tried an ORM commit (then a request cut off by the server may have saved its changes)."""
-
-    __slots__ = ("committed", "done", "task")
-
-    def __init__(self) -> None:
-        self.task = _current_task()
-        self.done = False
-        self.committed = False
-
-
-#: The request/WebSocket being served in this context (set by the middleware around each call).
-current_unit: ContextVar[Unit | None] = ContextVar("asgi_dbpool_unit", default=None)
-
-
-def _on_session_commit(session: Session) -> None:
-    """Mark the request as having tried a COMMIT (before it is sent: a cut-off COMMIT may have landed).
-
-    An ORM event, not a Core ``ConnectionEvents.commit`` listener: a Core listener on the engine switches on
-    event dispatch for every statement (about 2% end to end here). Commits through ``AsyncConnection`` /
-    ``engine.begin()`` directly are therefore not seen.
-    """
-    unit = current_unit.get()
-    if unit is not None:
-        unit.committed = True
 
 
 class PoolClosedError(RuntimeError):
     """A connection was asked for after the middleware disposed the engine at shutdown."""
 
 
-def _is_internal(filename: str) -> bool:
-    try:
-        return _internal_cache[filename]
-    except KeyError:
-        # "<...>" names generated code (SQLAlchemy decorators, frozen modules), never the caller.
-        internal = filename.startswith("<") or any(part in filename for part in _INTERNAL_PARTS)
-        _internal_cache[filename] = internal
-        return internal
-
-
-def checkout_site() -> tuple[str, int]:
-    """``(file, line)`` of the innermost frame outside SQLAlchemy/asyncpg/asyncio, across greenlet boundaries.
-
-    With the asyncio engine the checkout runs in a greenlet spawned by SQLAlchemy whose frames are all
-    SQLAlchemy's (or a ``run_sync`` callable's): the walk starts in the awaiting (parent) greenlet, a few
-    frames below the user's ``await``.
-    """
-    glet: Any = greenlet.getcurrent()
-    if glet.parent is not None:
-        glet = glet.parent
-        frame: FrameType | None = glet.gr_frame
-    else:
-        frame = sys._getframe(1)
-    while True:
-        while frame is not None:
-            filename = frame.f_code.co_filename
-            if not _is_internal(filename):
-                return filename, frame.f_lineno
-            frame = frame.f_back
-        glet = glet.parent
-        if glet is None:
-            return "<unknown>", 0
-        frame = glet.gr_frame
-
-
-def _current_task() -> asyncio.Task[Any] | None:
-    try:
-        return asyncio.current_task()
-    except RuntimeError:  # a sync engine used from a worker thread
-        return None
-
-
-class Checkout:
-    """One connection that is checked out right now (made on every checkout: kept small and cheap)."""
-
-    __slots__ = ("owner", "proxy", "record", "since", "unit", "where")
-
-    def __init__(
-        self,
-        record: ConnectionPoolEntry,
-        proxy: weakref.ref[PoolProxiedConnection],
-        owner: asyncio.Task[Any] | None,
-        where: tuple[str, int],
-        unit: Unit | None,
-    ) -> None:
-        self.record = record
-        self.proxy = proxy
-        self.owner = owner  # held until checkin: a finished task that leaked stays inspectable
-        self.where = where
-        self.since = time.monotonic()
-        self.unit = unit
-
-    def is_leak(self, current: asyncio.Task[Any] | None) -> bool:
-        """True when nobody is working with this connection any more (its holder moved on or ended).
-
-        A request's task may live on after the request (an in-process client, a test): once the request
-        finished, a connection its task still holds was leaked. A task spawned from the request is judged
-        by itself: still running means still working.
-        """
-        owner = self.owner
-        if owner is None or owner.done() or owner is current:
-            return True
-        unit = self.unit
-        return unit is not None and unit.done and unit.task is owner
-
-    @property
-    def site(self) -> str:
-        return f"{self.where[0]}:{self.where[1]}"
-
-    def describe(self, now: float) -> str:
-        owner = self.owner
-        who = "no task" if owner is None else f"task {owner.get_name()!r}" + (" (finished)" if owner.done() else "")
-        return f"checked out at {self.site} {now - self.since:.1f}s ago by {who}"
-
-
 class PoolTracker:
-    """Listens to one engine's pool; survives ``engine.dispose()`` (events follow the recreated pool)."""
+    """Listens to one engine's pool; survives ``engine.dispose()`` (events follow the recreated pool).
+
+    Pool events give checkouts, checkins, invalidations and connection creation; the pool's ``_do_get`` is
+    wrapped (per pool instance) for what no event shows: tasks waiting for a connection, wait time, timeouts.
+    """
 
     def __init__(self, engine: Engine | AsyncEngine, name: str) -> None:
         self.async_engine: AsyncEngine | None = None
@@ -156,29 +42,74 @@ class PoolTracker:
         self.engine: Engine = engine
         self.name = name
         self.checkouts: dict[int, Checkout] = {}
-        self.invalidations = 0
-        self.reclaimed = 0
+        self.invalidations = self.reclaimed = self.timeouts = self.leaks = self.pending = 0
+        self.checked_out_max = self.overflow_max = 0
+        self.wait, self.use, self.create = Histogram(), Histogram(), Histogram()
+        self.leak_threshold: float | None = None  # seconds; set by the middleware (stacks captured only then)
         self.closed = False
         self._reclaiming: set[int] = set()
+        self._connecting: dict[int, float] = {}
+        self._instrumented: Any = None
+        self._instrument(engine.pool)
         event.listen(engine, "checkout", self._on_checkout)
         event.listen(engine, "checkin", self._on_checkin)
         event.listen(engine, "detach", self._on_detach)
         event.listen(engine, "invalidate", self._on_invalidate)
         event.listen(engine, "do_connect", self._on_do_connect)
+        event.listen(engine, "connect", self._on_connect)
         if not event.contains(Session, "before_commit", _on_session_commit):
             event.listen(Session, "before_commit", _on_session_commit)
+
+    def _instrument(self, pool: Any) -> None:
+        original = pool._do_get
+
+        def _do_get() -> Any:
+            self.pending += 1
+            started = time.perf_counter()
+            try:
+                record = original()
+            except sa_exc.TimeoutError:
+                self.timeouts += 1
+                raise
+            finally:
+                self.pending -= 1
+            self.wait.observe(time.perf_counter() - started)
+            return record
+
+        pool._do_get = _do_get
+        self._instrumented = pool
 
     # -- pool events -------------------------------------------------------------------------
     def _on_checkout(self, dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection) -> None:
         if self.closed:
             # SQLAlchemy closes the pooled connection it was about to hand out (gracefully: we are in its greenlet).
             raise self._refusal()
-        self.checkouts[id(record)] = Checkout(
-            record, weakref.ref(proxy), _current_task(), checkout_site(), current_unit.get()
+        pool: Any = self.engine.pool
+        if pool is not self._instrumented:  # engine.dispose() made a new pool
+            self._instrument(pool)
+        stack = checkout_stack() if self.leak_threshold is not None else None
+        checkouts = self.checkouts
+        checkouts[id(record)] = Checkout(
+            record, weakref.ref(proxy), _current_task(), checkout_site(), current_unit.get(), stack
         )
+        if len(checkouts) > self.checked_out_max:
+            self.checked_out_max = len(checkouts)
+        overflow = pool.overflow() if hasattr(pool, "overflow") else 0
+        if overflow > self.overflow_max:
+            self.overflow_max = overflow
 
     def _on_checkin(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        self.checkouts.pop(id(record), None)
+        checkout = self.checkouts.pop(id(record), None)
+        if checkout is not None:
+            held = time.monotonic() - checkout.since
+            self.use.observe(held)
+            if checkout.reported:
+                logger.info(
+                    "asgi_dbpool: engine %r: the connection checked out at %s came back after %.1fs",
+                    self.name,
+                    checkout.site,
+                    held,
+                )
 
     def _on_detach(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         self.checkouts.pop(id(record), None)
@@ -190,6 +121,12 @@ class PoolTracker:
     def _on_do_connect(self, dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
         if self.closed:
             raise self._refusal()
+        self._connecting[id(record)] = time.perf_counter()
+
+    def _on_connect(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        started = self._connecting.pop(id(record), None)
+        if started is not None:
+            self.create.observe(time.perf_counter() - started)
 
     def _refusal(self) -> PoolClosedError:
         return PoolClosedError(
@@ -197,17 +134,34 @@ class PoolTracker:
             "opened now. Finish database work before the app's lifespan shutdown completes."
         )
 
-    def remove(self) -> None:
-        """Stop listening (used when a middleware is discarded, e.g. in tests)."""
-        for name, fn in (
-            ("checkout", self._on_checkout),
-            ("checkin", self._on_checkin),
-            ("detach", self._on_detach),
-            ("invalidate", self._on_invalidate),
-            ("do_connect", self._on_do_connect),
-        ):
-            if event.contains(self.engine, name, fn):
-                event.remove(self.engine, name, fn)
+    def check_leaks(self, now: float | None = None) -> int:
+        """One WARNING, with the checkout stack, per connection held past ``leak_threshold`` (once each)."""
+        if self.leak_threshold is None:
+            return 0
+        now = time.monotonic() if now is None else now
+        found = 0
+        for checkout in list(self.checkouts.values()):
+            if not checkout.reported and now - checkout.since > self.leak_threshold:
+                checkout.reported = True
+                self.leaks += 1
+                found += 1
+                stack = "".join(f"\n    {line}" for line in checkout.stack or [checkout.site])
+                logger.warning(
+                    "asgi_dbpool: engine %r: connection held for %.1fs (leak threshold %gs), checked out at:%s",
+                    self.name,
+                    now - checkout.since,
+                    self.leak_threshold,
+                    stack,
+                )
+        return found
+
+    def pool_size(self) -> int:
+        pool: Any = self.engine.pool
+        return int(pool.size()) if hasattr(pool, "size") else 0
+
+    def max_connections(self) -> int:
+        pool: Any = self.engine.pool
+        return self.pool_size() + max(int(getattr(pool, "_max_overflow", 0)), 0)
 
     # -- reading -----------------------------------------------------------------------------
     def snapshot(self) -> dict[str, int]:

@@ -1,0 +1,156 @@
+"""Who holds a connection: the request unit, the owner task and the checkout site of every checkout."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import weakref
+from contextvars import ContextVar
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import greenlet
+from sqlalchemy.orm import Session
+
+if TYPE_CHECKING:
+    from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+
+# Frames from these places are not "the code that checked the connection out".
+_INTERNAL_PARTS = ("/sqlalchemy/", "/asyncpg/", "/asyncio/", "/greenlet/", "/asgi_dbpool/", "/contextlib.py")
+_internal_cache: dict[str, bool] = {}
+
+
+class Unit:
+    """One request or WebSocket handled through the middleware: its task, whether it has finished, and
+    whether it tried an ORM commit (then a request cut off by the server may have saved its changes)."""
+
+    __slots__ = ("committed", "done", "task")
+
+    def __init__(self) -> None:
+        self.task = _current_task()
+        self.done = False
+        self.committed = False
+
+
+#: The request/WebSocket being served in this context (set by the middleware around each call).
+current_unit: ContextVar[Unit | None] = ContextVar("asgi_dbpool_unit", default=None)
+
+
+def _on_session_commit(session: Session) -> None:
+    """Mark the request as having tried a COMMIT (before it is sent: a cut-off COMMIT may have landed).
+
+    An ORM event, not a Core ``ConnectionEvents.commit`` listener: a Core listener on the engine switches on
+    event dispatch for every statement (about 2% end to end here). Commits through ``AsyncConnection`` /
+    ``engine.begin()`` directly are therefore not seen.
+    """
+    unit = current_unit.get()
+    if unit is not None:
+        unit.committed = True
+
+
+def _is_internal(filename: str) -> bool:
+    try:
+        return _internal_cache[filename]
+    except KeyError:
+        # "<...>" names generated code (SQLAlchemy decorators, frozen modules), never the caller.
+        internal = filename.startswith("<") or any(part in filename for part in _INTERNAL_PARTS)
+        _internal_cache[filename] = internal
+        return internal
+
+
+def checkout_site() -> tuple[str, int]:
+    """``(file, line)`` of the innermost frame outside SQLAlchemy/asyncpg/asyncio, across greenlet boundaries.
+
+    With the asyncio engine the checkout runs in a greenlet spawned by SQLAlchemy whose frames are all
+    SQLAlchemy's (or a ``run_sync`` callable's): the walk starts in the awaiting (parent) greenlet, a few
+    frames below the user's ``await``.
+    """
+    glet: Any = greenlet.getcurrent()
+    if glet.parent is not None:
+        glet = glet.parent
+        frame: FrameType | None = glet.gr_frame
+    else:
+        frame = sys._getframe(1)
+    while True:
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            if not _is_internal(filename):
+                return filename, frame.f_lineno
+            frame = frame.f_back
+        glet = glet.parent
+        if glet is None:
+            return "<unknown>", 0
+        frame = glet.gr_frame
+
+
+def checkout_stack(limit: int = 12) -> list[str]:
+    """The user's frames of the checkout, innermost first, as ``file:line in function`` (leak detection only)."""
+    glet: Any = greenlet.getcurrent()
+    frame: FrameType | None = glet.parent.gr_frame if glet.parent is not None else sys._getframe(1)
+    if glet.parent is not None:
+        glet = glet.parent
+    lines: list[str] = []
+    while len(lines) < limit:
+        while frame is not None and len(lines) < limit:
+            if not _is_internal(frame.f_code.co_filename):
+                lines.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+            frame = frame.f_back
+        glet = glet.parent
+        if glet is None:
+            break
+        frame = glet.gr_frame
+    return lines
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # a sync engine used from a worker thread
+        return None
+
+
+class Checkout:
+    """One connection that is checked out right now (made on every checkout: kept small and cheap)."""
+
+    __slots__ = ("owner", "proxy", "record", "reported", "since", "stack", "unit", "where")
+
+    def __init__(
+        self,
+        record: ConnectionPoolEntry,
+        proxy: weakref.ref[PoolProxiedConnection],
+        owner: asyncio.Task[Any] | None,
+        where: tuple[str, int],
+        unit: Unit | None,
+        stack: list[str] | None,
+    ) -> None:
+        self.record = record
+        self.proxy = proxy
+        self.owner = owner  # held until checkin: a finished task that leaked stays inspectable
+        self.where = where
+        self.since = time.monotonic()
+        self.unit = unit
+        self.stack = stack  # only with leak detection on
+        self.reported = False
+
+    def is_leak(self, current: asyncio.Task[Any] | None) -> bool:
+        """True when nobody is working with this connection any more (its holder moved on or ended).
+
+        A request's task may live on after the request (an in-process client, a test): once the request
+        finished, a connection its task still holds was leaked. A task spawned from the request is judged
+        by itself: still running means still working.
+        """
+        owner = self.owner
+        if owner is None or owner.done() or owner is current:
+            return True
+        unit = self.unit
+        return unit is not None and unit.done and unit.task is owner
+
+    @property
+    def site(self) -> str:
+        return f"{self.where[0]}:{self.where[1]}"
+
+    def describe(self, now: float) -> str:
+        owner = self.owner
+        who = "no task" if owner is None else f"task {owner.get_name()!r}" + (" (finished)" if owner.done() else "")
+        return f"checked out at {self.site} {now - self.since:.1f}s ago by {who}"
