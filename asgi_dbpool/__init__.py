@@ -9,8 +9,7 @@ from ._middleware import DBPoolMiddleware, StartupError
 from ._settings import ConfigError, PoolSettings, mask_url
 from ._stats import PoolStatsApp
 from ._tracker import PoolClosedError
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "ConfigError",

@@ -11,6 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from . import _logfilter, _shutdown
+from ._advice import budget_warnings, read_server, workers_from_env
 from ._checkout import Unit, current_unit
 from ._connections import ConnectionTracker, answer_cancelled
 from ._guard import clear_shutting_down, mark_shutting_down
@@ -52,6 +53,8 @@ class DBPoolMiddleware:
         shutdown_timeout: float = 10.0,
         startup_timeout: float = 10.0,
         install_log_filter: bool = True,
+        leak_threshold: float | None = None,
+        workers: int | None = None,
     ) -> None:
         self.app = app
         for option, value in (
@@ -61,6 +64,10 @@ class DBPoolMiddleware:
         ):
             if not (isinstance(value, int | float) and value > 0):
                 raise ValueError(f"asgi_dbpool: {option}={value!r} must be a positive number of seconds.")
+        if leak_threshold is not None and not (isinstance(leak_threshold, int | float) and leak_threshold > 0):
+            raise ValueError(f"asgi_dbpool: leak_threshold={leak_threshold!r} must be a positive number or None.")
+        if workers is not None and not (isinstance(workers, int) and workers > 0):
+            raise ValueError(f"asgi_dbpool: workers={workers!r} must be a positive whole number or None.")
         if stats_path is not None and (not stats_path.startswith("/") or stats_path.rstrip("/") == ""):
             raise ValueError(
                 f"asgi_dbpool: stats_path={stats_path!r} must start with '/' and not be '/'; or pass None."
@@ -72,6 +79,10 @@ class DBPoolMiddleware:
         self.engines: dict[str, AsyncEngine] = named
         self.trackers = [tracker_for(eng, name) for name, eng in named.items()]
         self.sync_trackers = [tracker_for(eng, f"sync:{i}") for i, eng in enumerate(sync_engines)]
+        self.leak_threshold = leak_threshold
+        self.workers = workers
+        for tracker in self.all_trackers():
+            tracker.leak_threshold = leak_threshold
         self.sessionmakers = {name: async_sessionmaker(eng, expire_on_commit=False) for name, eng in named.items()}
         self.shutdown_timeout = float(shutdown_timeout)
         self.startup_timeout = float(startup_timeout)
@@ -83,6 +94,7 @@ class DBPoolMiddleware:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.shutting_down = False
         self._monitor_task: asyncio.Task[None] | None = None
+        self._leak_task: asyncio.Task[None] | None = None
 
     # -- public helpers ----------------------------------------------------------------------------
     def sessionmaker(self, name: str | None = None) -> async_sessionmaker[AsyncSession]:
@@ -202,17 +214,37 @@ class DBPoolMiddleware:
                 raise StartupError(
                     f"asgi_dbpool: cannot reach database {tracker.name!r} at {mask_url(tracker.engine.url)}: {cause}"
                 ) from exc
+        await self._check_budget()
         if self.install_log_filter:
             _logfilter.install(_pool_logger_names(self.all_trackers()))
         self._monitor_task = asyncio.create_task(self.monitor.run(), name="asgi_dbpool: pool monitor")
+        if self.leak_threshold is not None:
+            self._leak_task = asyncio.create_task(self._watch_leaks(), name="asgi_dbpool: leak detection")
         logger.info("asgi_dbpool: %d engine(s) reachable; pool monitor started", len(self.all_trackers()))
+
+    async def _check_budget(self) -> None:
+        for tracker in self.trackers:
+            try:
+                await read_server(tracker)
+            except Exception as exc:  # advice and the budget check go without; nothing else depends on it
+                logger.debug("asgi_dbpool: could not read the server settings of %r: %r", tracker.name, exc)
+        for line in budget_warnings(self.trackers, self.workers or workers_from_env()):
+            logger.warning(line)
+
+    async def _watch_leaks(self) -> None:
+        assert self.leak_threshold is not None
+        tick = min(self.leak_threshold / 2, 1.0)
+        while True:
+            await asyncio.sleep(tick)
+            for tracker in self.all_trackers():
+                tracker.check_leaks()
 
     def _enter_shutdown(self) -> None:
         self.shutting_down = True
         mark_shutting_down()
 
     def _own_tasks(self) -> list[asyncio.Task[Any]]:
-        return [] if self._monitor_task is None else [self._monitor_task]
+        return [task for task in (self._monitor_task, self._leak_task) if task is not None]
 
 
 async def _ping(tracker: PoolTracker) -> None:

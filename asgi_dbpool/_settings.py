@@ -25,7 +25,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "production": {"pool_size": 30, "max_overflow": 40, "pool_timeout": 30.0, "pool_recycle": 1800},
     "development": {"pool_size": 10, "max_overflow": 20, "pool_timeout": 30.0, "pool_recycle": 3600},
 }
-COMMON_DEFAULTS: dict[str, Any] = {"pool_pre_ping": True, "query_timeout": 30.0}
+COMMON_DEFAULTS: dict[str, Any] = {"pool_pre_ping": True, "query_timeout": 30.0, "leak_threshold": 0.0}
 
 MAX_CONNECTIONS = 10_000  # no PostgreSQL server takes more from one process
 MAX_SECONDS = 7 * 24 * 3600.0
@@ -111,6 +111,7 @@ class PoolSettings:
     pool_recycle: int = PROFILES["development"]["pool_recycle"]  # 0 turns recycling off
     pool_pre_ping: bool = True
     query_timeout: float = 30.0  # asyncpg's command_timeout; 0 turns it off
+    leak_threshold: float = 0.0  # seconds a checkout may last before it is reported; 0 turns it off
     async_database_url: str | None = None
     database_url: str | None = None
 
@@ -121,6 +122,7 @@ class PoolSettings:
         _int("pool_recycle", str(self.pool_recycle), minimum=0, maximum=int(MAX_SECONDS))
         _seconds("pool_timeout", str(self.pool_timeout), allow_zero=False)
         _seconds("query_timeout", str(self.query_timeout), allow_zero=True)
+        _seconds("leak_threshold", str(self.leak_threshold), allow_zero=True)
         if self.async_database_url is not None:
             _url("async_database_url", self.async_database_url, _ASYNC_DRIVERS)
         if self.database_url is not None:
@@ -150,6 +152,7 @@ class PoolSettings:
             "DB_POOL_RECYCLE": ("pool_recycle", lambda n, v: _int(n, v, minimum=0, maximum=int(MAX_SECONDS))),
             "DB_POOL_PRE_PING": ("pool_pre_ping", _bool),
             "DB_QUERY_TIMEOUT": ("query_timeout", lambda n, v: _seconds(n, v, allow_zero=True)),
+            "DB_POOL_LEAK_THRESHOLD": ("leak_threshold", lambda n, v: _seconds(n, v, allow_zero=True)),
             "ASYNC_DATABASE_URL": ("async_database_url", lambda n, v: _url(n, v, _ASYNC_DRIVERS)),
             "DATABASE_URL": ("database_url", lambda n, v: _url(n, v, _ASYNC_DRIVERS | _SYNC_DRIVERS)),
         }

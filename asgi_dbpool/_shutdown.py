@@ -115,7 +115,7 @@ async def shutdown(mw: DBPoolMiddleware, inner: InnerLifespan) -> tuple[str, str
         [*mw._own_tasks(), *mw.tasks], "the monitor and registered tasks", budget.app_deadline
     )
     mw.tasks.clear()
-    logger.info("asgi_dbpool: monitor and %d registered task(s) stopped", max(stopped - 1, 0))
+    logger.info("asgi_dbpool: monitor and %d registered task(s) stopped", max(stopped - len(mw._own_tasks()), 0))
 
     # 5. The wrapped app's own shutdown (it may still use the database).
     answer = await inner.stop(budget.left(budget.app_deadline))

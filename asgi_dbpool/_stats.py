@@ -9,9 +9,12 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from ._advice import advise
 from ._guard import is_shutting_down
+from ._metrics import render
 from ._tracker import PoolTracker, name_engines, tracker_for
 from ._types import Receive, Scope, Send
+from ._version import __version__
 
 logger = logging.getLogger("asgi_dbpool")
 
@@ -82,25 +85,41 @@ class PoolStatsApp:
                 send, 401, {"detail": "a valid bearer token is required"}, head, [(b"www-authenticate", b"Bearer")]
             )
             return
-        if route_path(scope).strip("/"):
+        sub = route_path(scope).strip("/")
+        if sub not in ("", "metrics", "ready", "advice"):
             await _reply(send, 404, {"detail": "not found"}, head)
             return
         if scope.get("method") not in ("GET", "HEAD"):
             await _reply(send, 405, {"detail": "method not allowed"}, head, [(b"allow", b"GET, HEAD")])
             return
+        if sub == "ready":  # for load balancers: 503 from the moment shutdown begins
+            down = self._shutting_down()
+            await _reply(send, 503 if down else 200, {"status": "shutting_down" if down else "ready"}, head)
+            return
         try:
-            body = self.figures()
+            if sub == "metrics":
+                data = render(self.trackers, __version__).encode()
+                await _send(send, 200, data, head, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
+                return
+            body = self.advice() if sub == "advice" else self.figures()
         except Exception:
             logger.exception("asgi_dbpool: could not read the pool figures")
             await _reply(send, 503, {"detail": "pool figures unavailable"}, head)
             return
         await _reply(send, 200, body, head)
 
+    def advice(self) -> dict[str, Any]:
+        """Tuning advice per engine (``{stats_path}/advice``)."""
+        return {"engines": {name: advise(t) for name, t in zip(self.names, self.trackers, strict=True)}}
+
 
 async def _reply(
     send: Send, status: int, body: dict[str, Any], head: bool, extra: list[tuple[bytes, bytes]] | None = None
 ) -> None:
-    data = json.dumps(body, separators=(",", ":")).encode()
-    headers = [_JSON, _NO_STORE, (b"content-length", str(len(data)).encode()), *(extra or [])]
+    await _send(send, status, json.dumps(body, separators=(",", ":")).encode(), head, [_JSON, *(extra or [])])
+
+
+async def _send(send: Send, status: int, data: bytes, head: bool, headers: list[tuple[bytes, bytes]]) -> None:
+    headers = [*headers, _NO_STORE, (b"content-length", str(len(data)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else data})

@@ -43,7 +43,8 @@ class PoolTracker:
         self.name = name
         self.checkouts: dict[int, Checkout] = {}
         self.invalidations = self.reclaimed = self.timeouts = self.leaks = self.pending = 0
-        self.checked_out_max = self.overflow_max = 0
+        self.checked_out_max = self.overflow_max = self.checkouts_total = self.overflow_checkouts = 0
+        self.server: dict[str, int] = {}  # server settings read at startup (budget check, advice)
         self.wait, self.use, self.create = Histogram(), Histogram(), Histogram()
         self.leak_threshold: float | None = None  # seconds; set by the middleware (stacks captured only then)
         self.closed = False
@@ -92,11 +93,14 @@ class PoolTracker:
         checkouts[id(record)] = Checkout(
             record, weakref.ref(proxy), _current_task(), checkout_site(), current_unit.get(), stack
         )
+        self.checkouts_total += 1
         if len(checkouts) > self.checked_out_max:
             self.checked_out_max = len(checkouts)
         overflow = pool.overflow() if hasattr(pool, "overflow") else 0
-        if overflow > self.overflow_max:
-            self.overflow_max = overflow
+        if overflow > 0:
+            self.overflow_checkouts += 1
+            if overflow > self.overflow_max:
+                self.overflow_max = overflow
 
     def _on_checkin(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         checkout = self.checkouts.pop(id(record), None)
