@@ -14,10 +14,10 @@ from ._tracker import PoolTracker
 
 logger = logging.getLogger("asgi_dbpool")
 
+#: pg_settings gives each value in its base unit (milliseconds for the timeouts), unlike current_setting().
 _SERVER_QUERY = text(
-    "SELECT current_setting('max_connections')::int, current_setting('superuser_reserved_connections')::int, "
-    "coalesce(current_setting('reserved_connections', true), '0')::int, "
-    "current_setting('idle_session_timeout')::int, current_setting('idle_in_transaction_session_timeout')::int"
+    "SELECT name, setting::int FROM pg_settings WHERE name IN ('max_connections', 'superuser_reserved_connections', "
+    "'reserved_connections', 'idle_session_timeout', 'idle_in_transaction_session_timeout')"
 )
 #: Enough checkouts to judge a pool by its high-water mark.
 MIN_CHECKOUTS = 100
@@ -27,9 +27,14 @@ async def read_server(tracker: PoolTracker) -> dict[str, int]:
     """The server settings the advice and the budget need (read once per startup)."""
     assert tracker.async_engine is not None
     async with tracker.async_engine.connect() as conn:
-        row = (await conn.execute(_SERVER_QUERY)).one()
-    keys = ("max_connections", "superuser_reserved_connections", "reserved_connections")
-    server = dict(zip((*keys, "idle_session_timeout_ms", "idle_in_transaction_session_timeout_ms"), row, strict=True))
+        rows: dict[str, int] = {name: value for name, value in (await conn.execute(_SERVER_QUERY)).all()}
+    server = {
+        "max_connections": rows["max_connections"],
+        "superuser_reserved_connections": rows.get("superuser_reserved_connections", 0),
+        "reserved_connections": rows.get("reserved_connections", 0),  # PostgreSQL 16+
+        "idle_session_timeout_ms": rows.get("idle_session_timeout", 0),  # PostgreSQL 14+
+        "idle_in_transaction_session_timeout_ms": rows.get("idle_in_transaction_session_timeout", 0),
+    }
     tracker.server = server
     return server
 

@@ -227,7 +227,11 @@ class DBPoolMiddleware:
             try:
                 await read_server(tracker)
             except Exception as exc:  # advice and the budget check go without; nothing else depends on it
-                logger.debug("asgi_dbpool: could not read the server settings of %r: %r", tracker.name, exc)
+                logger.info(
+                    "asgi_dbpool: could not read the server settings of %r (no budget check, no recycle advice): %s",
+                    tracker.name,
+                    one_line(exc),
+                )
         for line in budget_warnings(self.trackers, self.workers or workers_from_env()):
             logger.warning(line)
 

@@ -1,0 +1,219 @@
+"""Metrics, leak detection, readiness, advice and the connection budget, on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+
+from asgi_dbpool import DBPoolMiddleware
+from asgi_dbpool.__main__ import format_advice
+from tests.conftest import asyncpg_dsn
+
+pytestmark = pytest.mark.anyio
+PATH = "/api/system/database/pool"
+
+
+def samples(metrics_text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample, keyed by name and sorted labels, as prometheus_client's own parser reads them."""
+    out = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            yield client
+
+
+async def test_metrics_count_waits_timeouts_uses_and_creations(make_engine: Callable[..., AsyncEngine]) -> None:
+    engine = make_engine(pool_size=2, max_overflow=0, pool_timeout=0.2)
+    app = DBPoolMiddleware(Starlette(), {"main": engine})
+    async with serving(app) as client:  # startup: one connection created, used once
+        async with engine.connect() as a, engine.connect() as b:
+            await a.execute(text("SELECT 1"))
+            await b.execute(text("SELECT 1"))
+            with pytest.raises(sa_exc.TimeoutError):
+                async with engine.connect():
+                    pass  # pragma: no cover
+            during = samples((await client.get(PATH + "/metrics")).text)
+        after = samples((await client.get(PATH + "/metrics")).text)
+        response = await client.get(PATH + "/metrics")
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    main = (("pool_name", "main"),)
+    assert during[("db_client_connection_count", (*main, ("state", "used")))] == 2
+    assert during[("db_client_connection_count", (*main, ("state", "idle")))] == 0
+    assert after[("db_client_connection_count", (*main, ("state", "idle")))] == 2
+    assert after[("db_client_connection_max", main)] == 2
+    assert after[("db_client_connection_idle_max", main)] == 2
+    assert after[("db_client_connection_pending_requests", main)] == 0
+    assert after[("db_client_connection_timeouts_total", main)] == 1
+    assert after[("asgi_dbpool_checked_out_high_water", main)] == 2
+    # the startup ping, the startup read of the server settings, a and b got connections (the timed-out one not)
+    assert after[("db_client_connection_wait_time_seconds_count", main)] == 4
+    assert after[("db_client_connection_use_time_seconds_count", main)] == 4
+    assert after[("db_client_connection_create_time_seconds_count", main)] == 2  # a reused the startup one
+    assert after[("db_client_connection_wait_time_seconds_bucket", (("le", "+Inf"), *main))] == 4
+    assert after[("db_client_connection_wait_time_seconds_sum", main)] > 0
+
+
+async def test_invalidations_show_in_metrics(make_engine: Callable[..., AsyncEngine], database_url: str) -> None:
+    engine = make_engine(pool_size=1, pool_pre_ping=True)
+    app = DBPoolMiddleware(Starlette(), engine)
+    async with serving(app) as client:
+        async with engine.connect() as conn:
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        admin = await asyncpg.connect(asyncpg_dsn(database_url))
+        try:
+            await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))  # pre-ping finds it dead
+        metrics = samples((await client.get(PATH + "/metrics")).text)
+    assert metrics[("asgi_dbpool_invalidations_total", (("pool_name", "default"),))] == 1
+
+
+async def test_leak_detection_warns_with_the_stack_and_reports_the_return(
+    make_engine: Callable[..., AsyncEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make_engine()
+    app = DBPoolMiddleware(Starlette(), engine, leak_threshold=0.1)
+    caplog.set_level(logging.INFO, logger="asgi_dbpool")
+
+    async def slow_report() -> None:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+            while not app.all_trackers()[0].leaks:  # noqa: ASYNC110 - held until the leak is reported
+                await asyncio.sleep(0.02)
+
+    async with serving(app) as client:
+        await slow_report()
+        metrics = samples((await client.get(PATH + "/metrics")).text)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("asgi_dbpool: engine 'default': connection held for ")
+    assert "(leak threshold 0.1s), checked out at:" in warnings[0]
+    assert f"{__file__}:" in warnings[0]
+    assert " in slow_report" in warnings[0]
+    assert f" in {test_leak_detection_warns_with_the_stack_and_reports_the_return.__name__}" in warnings[0]
+    returned = [r.getMessage() for r in caplog.records if "came back after" in r.getMessage()]
+    assert len(returned) == 1
+    assert returned[0].startswith(f"asgi_dbpool: engine 'default': the connection checked out at {__file__}:")
+    assert metrics[("asgi_dbpool_leaks_total", (("pool_name", "default"),))] == 1
+
+
+async def test_no_stacks_are_captured_without_leak_detection(make_engine: Callable[..., AsyncEngine]) -> None:
+    engine = make_engine()
+    app = DBPoolMiddleware(Starlette(), engine)
+    async with LifespanManager(app), engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+        (checkout,) = app.all_trackers()[0].checkouts.values()
+        assert checkout.stack is None
+        assert checkout.site.startswith(f"{__file__}:")
+
+
+async def test_readiness_turns_503_when_shutdown_begins(make_engine: Callable[..., AsyncEngine]) -> None:
+    seen: list[int] = []
+    client_box: list[httpx.AsyncClient] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        seen.append((await client_box[0].get(PATH + "/ready")).status_code)  # during the app's own shutdown
+
+    app = DBPoolMiddleware(Starlette(lifespan=lifespan), make_engine())
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        client_box.append(httpx.AsyncClient(transport=transport, base_url="http://t"))
+        ready = await client_box[0].get(PATH + "/ready")
+        assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
+    await client_box[0].aclose()
+    assert seen == [503]
+
+
+async def test_budget_check_warns_with_the_arithmetic(
+    make_engine: Callable[..., AsyncEngine], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = make_engine(pool_size=30, max_overflow=40)
+    monkeypatch.setenv("WEB_CONCURRENCY", "4")
+    caplog.set_level(logging.WARNING, logger="asgi_dbpool")
+    async with LifespanManager(DBPoolMiddleware(Starlette(), engine)):
+        pass
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("asgi_dbpool: connection budget exceeded on postgresql+asyncpg://postgres:***@")
+    assert ": 4 worker(s) x (30 + 40) = 280 connections > max_connections 100 - reserved 3 = 97;" in line
+
+
+async def test_budget_within_limits_is_silent(
+    make_engine: Callable[..., AsyncEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asgi_dbpool")
+    async with LifespanManager(DBPoolMiddleware(Starlette(), make_engine(pool_size=5, max_overflow=5), workers=2)):
+        pass
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_advice_grows_a_pool_that_timed_out(make_engine: Callable[..., AsyncEngine]) -> None:
+    engine = make_engine(pool_size=1, max_overflow=0, pool_timeout=0.1)
+    app = DBPoolMiddleware(Starlette(), engine)
+    async with serving(app) as client:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+            with pytest.raises(sa_exc.TimeoutError):
+                async with engine.connect():
+                    pass  # pragma: no cover
+        advice = (await client.get(PATH + "/advice")).json()["engines"]["default"]
+    assert advice["observed"]["timeouts"] == 1
+    assert advice["advice"][0] == {
+        "setting": "DB_POOL_SIZE",
+        "current": 1,
+        "suggested": 2,
+        "why": "1 checkout(s) timed out waiting for a connection: grow the pool (or find the slow queries holding "
+        "connections)",
+    }
+    assert "DB_POOL_SIZE: 1 -> 2  (1 checkout(s) timed out" in format_advice({"engines": {"default": advice}})
+
+
+async def test_advice_shrinks_an_idle_pool_and_fits_recycle_to_the_server(
+    make_engine: Callable[..., AsyncEngine],
+) -> None:
+    engine = make_engine(
+        pool_size=20,
+        max_overflow=20,
+        pool_recycle=3600,
+        connect_args={"server_settings": {"idle_session_timeout": "600000"}},
+    )
+    app = DBPoolMiddleware(Starlette(), engine)
+    async with serving(app) as client:
+        for _ in range(100):
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        advice = (await client.get(PATH + "/advice")).json()["engines"]["default"]
+    by_setting = {item["setting"]: item for item in advice["advice"]}
+    assert by_setting["DB_POOL_SIZE"]["current"] == 20
+    assert by_setting["DB_POOL_SIZE"]["suggested"] == 2
+    assert "at most 1 of 20 connections were ever checked out" in by_setting["DB_POOL_SIZE"]["why"]
+    assert by_setting["DB_POOL_RECYCLE"] == {
+        "setting": "DB_POOL_RECYCLE",
+        "current": 3600,
+        "suggested": 480,
+        "why": "the server closes idle sessions after 600s (idle_session_timeout): recycle connections before that",
+    }
