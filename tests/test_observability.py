@@ -217,3 +217,43 @@ async def test_advice_shrinks_an_idle_pool_and_fits_recycle_to_the_server(
         "suggested": 480,
         "why": "the server closes idle sessions after 600s (idle_session_timeout): recycle connections before that",
     }
+
+
+@pytest.mark.servers
+async def test_advise_cli_reads_a_running_app(database_url: str, tmp_path: Any) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.servers import ROOT, Run
+
+    run = Run(server="uvicorn", wrapped=True, database_url=database_url, log_path=tmp_path / "out.log")
+    run.start(graceful=1)
+    try:
+        await run.wait_up()
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "asgi_dbpool", "advise", f"{run.base}{PATH}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        missing = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "asgi_dbpool", "advise", f"{run.base}/nowhere"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        run.signal(signal.SIGTERM)
+        await run.wait_exit()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("engine 'default': pool_size=20, max_overflow=10, pool_recycle=-1, cpu_count=")
+    assert "DB_MAX_OVERFLOW: 10 -> 20  (rule of thumb: 1-2 x DB_POOL_SIZE = 20-40)" in proc.stdout
+    assert missing.returncode == 1
+    assert missing.stderr.startswith(f"asgi_dbpool: could not read {run.base}/nowhere/advice: HTTP Error 404")
