@@ -22,15 +22,18 @@ _internal_cache: dict[str, bool] = {}
 
 
 class Unit:
-    """One request or WebSocket handled through the middleware: its task, whether it has finished, and
-    whether it tried an ORM commit (then a request cut off by the server may have saved its changes)."""
+    """One request or WebSocket handled through the middleware: its task, whether it has finished, whether
+    it tried an ORM commit (then a request cut off by the server may have saved its changes), and the pool
+    that could not give it a connection (then its error becomes a 503)."""
 
-    __slots__ = ("committed", "done", "task")
+    __slots__ = ("answered", "committed", "done", "exhausted", "task")
 
     def __init__(self) -> None:
         self.task = _current_task()
         self.done = False
         self.committed = False
+        self.exhausted: Any = None  # the PoolTracker whose checkout timed out or was refused
+        self.answered = False  # the middleware answered 503 in place of the app's 500
 
 
 #: The request/WebSocket being served in this context (set by the middleware around each call).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from ._checkout import Unit, current_unit
@@ -150,22 +151,11 @@ async def answer_cancelled(scope: Scope, send: Send, unit: Unit) -> bool:
     Retry-After when a COMMIT was sent, since its changes may have been saved (a retry could apply them twice).
     """
     if unit.committed:
-        status, retry = 500, []
-        body = b'{"detail":"the server shut down while answering, after a commit: the changes may be saved"}'
+        answered = await respond(send, 500, SHUT_AFTER_COMMIT, retry_after=None, close=True)
     else:
-        status, retry = 503, [(b"retry-after", b"1")]
-        body = b'{"detail":"the server is shutting down; nothing was committed"}'
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-        *retry,
-    ]
-    try:
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-    except Exception:  # the response had started: servers reject a second start
+        answered = await respond(send, 503, SHUTTING_DOWN, retry_after=1, close=True)
+    if not answered:
         return False
-    await send({"type": "http.response.body", "body": body})
     method, path = scope.get("method"), scope.get("path")
     if unit.committed:
         logger.warning("asgi_dbpool: %s %s was cancelled by the server after it committed; answering 500", method, path)
@@ -176,6 +166,50 @@ async def answer_cancelled(scope: Scope, send: Send, unit: Unit) -> bool:
             path,
         )
     return True
+
+
+SHUTTING_DOWN = b'{"detail":"the server is shutting down; nothing was committed"}'
+SHUT_AFTER_COMMIT = b'{"detail":"the server shut down while answering, after a commit: the changes may be saved"}'
+POOL_EXHAUSTED = b'{"detail":"the database connection pool is exhausted; retry later"}'
+
+
+async def respond(send: Send, status: int, body: bytes, *, retry_after: int | None, close: bool) -> bool:
+    """Send a whole JSON response; False when a response had already started (servers refuse a second)."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    if retry_after is not None:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    try:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+    except Exception:
+        return False
+    await send({"type": "http.response.body", "body": body})
+    return True
+
+
+def overload_guard(send: Send, unit: Unit, retry_after: int) -> Send:
+    """``send`` for one request: once a checkout of this request hit an exhausted pool, the app's own 500
+    (Starlette's ServerErrorMiddleware answers before the error reaches us) becomes a 503 + Retry-After.
+
+    A plain function returning the server's awaitable: on the normal path it adds one call, no coroutine.
+    """
+
+    async def replace(message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start" and message.get("status") == 500 and not unit.answered:
+            unit.answered = True
+            unit.exhausted.overload_answers += 1
+            await respond(send, 503, POOL_EXHAUSTED, retry_after=retry_after, close=False)
+        elif not (unit.answered and kind == "http.response.body"):
+            await send(message)
+
+    def guarded(message: Message) -> Awaitable[None]:
+        if unit.exhausted is None:
+            return send(message)
+        return replace(message)
+
+    return guarded
 
 
 def _disconnect() -> dict[str, Any]:

@@ -80,6 +80,8 @@ def render(trackers: Iterable[PoolTracker], version: str) -> str:
         lines.extend(f"{name}{_labels(pool_name=t.name)} {read(t)}" for t in trackers)
     counters = (
         ("db_client_connection_timeouts", "Checkouts that timed out waiting for a connection.", "timeouts"),
+        ("db_client_connection_rejected", "Checkouts refused at once (max_pending tasks already waiting).", "rejected"),
+        ("asgi_dbpool_overload_responses", "503 answers sent because the pool was exhausted.", "overload_answers"),
         ("asgi_dbpool_invalidations", "Connections invalidated (found broken).", "invalidations"),
         ("asgi_dbpool_leaks", "Checkouts held longer than the leak threshold.", "leaks"),
         ("asgi_dbpool_reclaimed", "Leaked connections closed by the middleware at shutdown.", "reclaimed"),

@@ -13,7 +13,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from . import _logfilter, _shutdown
 from ._advice import budget_warnings, read_server, workers_from_env
 from ._checkout import Unit, current_unit
-from ._connections import ConnectionTracker, answer_cancelled
+from ._connections import (
+    POOL_EXHAUSTED,
+    SHUTTING_DOWN,
+    ConnectionTracker,
+    answer_cancelled,
+    overload_guard,
+    respond,
+)
 from ._guard import clear_shutting_down, mark_shutting_down
 from ._lifespan import InnerLifespan, one_line
 from ._monitor import PoolMonitor
@@ -55,6 +62,8 @@ class DBPoolMiddleware:
         install_log_filter: bool = True,
         leak_threshold: float | None = None,
         workers: int | None = None,
+        retry_after: int = 1,
+        max_pending: int | None = None,
     ) -> None:
         self.app = app
         for option, value in (
@@ -68,6 +77,11 @@ class DBPoolMiddleware:
             raise ValueError(f"asgi_dbpool: leak_threshold={leak_threshold!r} must be a positive number or None.")
         if workers is not None and not (isinstance(workers, int) and workers > 0):
             raise ValueError(f"asgi_dbpool: workers={workers!r} must be a positive whole number or None.")
+        if max_pending is not None and not (isinstance(max_pending, int) and max_pending > 0):
+            raise ValueError(f"asgi_dbpool: max_pending={max_pending!r} must be a positive whole number or None.")
+        if not (isinstance(retry_after, int) and retry_after >= 0):
+            raise ValueError(f"asgi_dbpool: retry_after={retry_after!r} must be a whole number of seconds (>= 0).")
+        self.retry_after = retry_after
         if stats_path is not None and (not stats_path.startswith("/") or stats_path.rstrip("/") == ""):
             raise ValueError(
                 f"asgi_dbpool: stats_path={stats_path!r} must start with '/' and not be '/'; or pass None."
@@ -83,6 +97,7 @@ class DBPoolMiddleware:
         self.workers = workers
         for tracker in self.all_trackers():
             tracker.leak_threshold = leak_threshold
+            tracker.max_pending = max_pending
         self.sessionmakers = {name: async_sessionmaker(eng, expire_on_commit=False) for name, eng in named.items()}
         self.shutdown_timeout = float(shutdown_timeout)
         self.startup_timeout = float(startup_timeout)
@@ -139,7 +154,7 @@ class DBPoolMiddleware:
                     await self.connections.websocket(self.app, scope, receive, send)
                 return
             if self.shutting_down:
-                await _refuse_http(send)
+                await respond(send, 503, SHUTTING_DOWN, retry_after=self.retry_after, close=True)
                 return
             # The HTTP hot path, inline: a counter and the request's unit (see _tracker.Unit).
             connections = self.connections
@@ -147,7 +162,7 @@ class DBPoolMiddleware:
             unit = Unit()
             token = current_unit.set(unit)
             try:
-                await self.app(scope, receive, send)
+                await self.app(scope, receive, overload_guard(send, unit, self.retry_after))
             except asyncio.CancelledError:
                 # Only a server cancels a request task: its graceful-shutdown timeout ran out, or it is
                 # force-exiting. Answer cleanly instead of a traceback and a 500 or a reset connection.
@@ -157,6 +172,16 @@ class DBPoolMiddleware:
                 task.uncancel()
                 if not await answer_cancelled(scope, send, unit):
                     raise
+            except Exception:
+                # A pool timeout (or a max_pending refusal) ended the request: 503 + Retry-After, not a 500.
+                exhausted = unit.exhausted
+                if exhausted is None:
+                    raise
+                if unit.answered:
+                    return  # the app's own 500 was already turned into the 503 by the guarded send
+                if not await respond(send, 503, POOL_EXHAUSTED, retry_after=self.retry_after, close=False):
+                    raise
+                exhausted.overload_answers += 1
             finally:
                 unit.done = True
                 current_unit.reset(token)
@@ -281,20 +306,3 @@ def _pool_logger_names(trackers: list[PoolTracker]) -> list[str]:
         lg: Any = tracker.engine.pool.logger
         names.append(getattr(lg, "logger", lg).name)
     return names
-
-
-async def _refuse_http(send: Send) -> None:
-    body = b'{"detail":"the server is shutting down"}'
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-                (b"retry-after", b"1"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})

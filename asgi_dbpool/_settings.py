@@ -25,7 +25,13 @@ PROFILES: dict[str, dict[str, Any]] = {
     "production": {"pool_size": 30, "max_overflow": 40, "pool_timeout": 30.0, "pool_recycle": 1800},
     "development": {"pool_size": 10, "max_overflow": 20, "pool_timeout": 30.0, "pool_recycle": 3600},
 }
-COMMON_DEFAULTS: dict[str, Any] = {"pool_pre_ping": True, "query_timeout": 30.0, "leak_threshold": 0.0}
+COMMON_DEFAULTS: dict[str, Any] = {
+    "pool_pre_ping": True,
+    "query_timeout": 30.0,
+    "leak_threshold": 0.0,
+    "retry_after": 1,
+    "max_pending": 0,
+}
 
 MAX_CONNECTIONS = 10_000  # no PostgreSQL server takes more from one process
 MAX_SECONDS = 7 * 24 * 3600.0
@@ -112,6 +118,8 @@ class PoolSettings:
     pool_pre_ping: bool = True
     query_timeout: float = 30.0  # asyncpg's command_timeout; 0 turns it off
     leak_threshold: float = 0.0  # seconds a checkout may last before it is reported; 0 turns it off
+    retry_after: int = 1  # the Retry-After of a 503 for an exhausted pool
+    max_pending: int = 0  # fail a checkout at once when this many tasks already wait; 0 turns it off
     async_database_url: str | None = None
     database_url: str | None = None
 
@@ -123,6 +131,8 @@ class PoolSettings:
         _seconds("pool_timeout", str(self.pool_timeout), allow_zero=False)
         _seconds("query_timeout", str(self.query_timeout), allow_zero=True)
         _seconds("leak_threshold", str(self.leak_threshold), allow_zero=True)
+        _int("retry_after", str(self.retry_after), minimum=0, maximum=3600)
+        _int("max_pending", str(self.max_pending), minimum=0)
         if self.async_database_url is not None:
             _url("async_database_url", self.async_database_url, _ASYNC_DRIVERS)
         if self.database_url is not None:
@@ -153,6 +163,8 @@ class PoolSettings:
             "DB_POOL_PRE_PING": ("pool_pre_ping", _bool),
             "DB_QUERY_TIMEOUT": ("query_timeout", lambda n, v: _seconds(n, v, allow_zero=True)),
             "DB_POOL_LEAK_THRESHOLD": ("leak_threshold", lambda n, v: _seconds(n, v, allow_zero=True)),
+            "DB_POOL_RETRY_AFTER": ("retry_after", lambda n, v: _int(n, v, minimum=0, maximum=3600)),
+            "DB_POOL_MAX_PENDING": ("max_pending", lambda n, v: _int(n, v, minimum=0)),
             "ASYNC_DATABASE_URL": ("async_database_url", lambda n, v: _url(n, v, _ASYNC_DRIVERS)),
             "DATABASE_URL": ("database_url", lambda n, v: _url(n, v, _ASYNC_DRIVERS | _SYNC_DRIVERS)),
         }
@@ -160,6 +172,14 @@ class PoolSettings:
             if variable in env:
                 values[field] = read(variable, env[variable])
         return cls(environment=environment, **values)
+
+    def middleware_options(self) -> dict[str, Any]:
+        """The ``DBPoolMiddleware`` options these settings stand for: ``DBPoolMiddleware(app, engine, **it)``."""
+        return {
+            "leak_threshold": self.leak_threshold or None,
+            "retry_after": self.retry_after,
+            "max_pending": self.max_pending or None,
+        }
 
     def engine_options(self) -> dict[str, Any]:
         """The ``create_engine`` pool options these settings stand for."""

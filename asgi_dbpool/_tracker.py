@@ -28,6 +28,10 @@ class PoolClosedError(RuntimeError):
     """A connection was asked for after the middleware disposed the engine at shutdown."""
 
 
+class PoolOverloadedError(sa_exc.TimeoutError):
+    """``max_pending`` tasks already wait for a connection: this checkout fails at once (a pool timeout)."""
+
+
 class PoolTracker:
     """Listens to one engine's pool; survives ``engine.dispose()`` (events follow the recreated pool).
 
@@ -47,6 +51,10 @@ class PoolTracker:
         self.server: dict[str, int] = {}  # server settings read at startup (budget check, advice)
         self.wait, self.use, self.create = Histogram(), Histogram(), Histogram()
         self.leak_threshold: float | None = None  # seconds; set by the middleware (stacks captured only then)
+        self.max_pending: int | None = None  # fail fast beyond this many waiting tasks; set by the middleware
+        self.rejected = 0  # checkouts refused by max_pending
+        self.overload_answers = 0  # 503s the middleware answered because this pool was exhausted
+        self.overloaded = False
         self.closed = False
         self._reclaiming: set[int] = set()
         self._connecting: dict[int, float] = {}
@@ -65,12 +73,19 @@ class PoolTracker:
         original = pool._do_get
 
         def _do_get() -> Any:
+            if self.max_pending is not None and self.pending >= self.max_pending:
+                self._exhausted(rejected=True)
+                raise PoolOverloadedError(
+                    f"asgi_dbpool: engine {self.name!r}: {self.pending} tasks already wait for a connection "
+                    f"(max_pending={self.max_pending}); failing at once instead of waiting {pool._timeout:g}s"
+                )
             self.pending += 1
             started = time.perf_counter()
             try:
                 record = original()
             except sa_exc.TimeoutError:
                 self.timeouts += 1
+                self._exhausted(rejected=False)
                 raise
             finally:
                 self.pending -= 1
@@ -103,6 +118,9 @@ class PoolTracker:
                 self.overflow_max = overflow
 
     def _on_checkin(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        if self.overloaded and not self.pending:  # a connection is free and nobody waits: the episode is over
+            self.overloaded = False
+            logger.info("asgi_dbpool: engine %r: pool no longer exhausted (%s)", self.name, self._figures())
         checkout = self.checkouts.pop(id(record), None)
         if checkout is not None:
             held = time.monotonic() - checkout.since
@@ -131,6 +149,28 @@ class PoolTracker:
         started = self._connecting.pop(id(record), None)
         if started is not None:
             self.create.observe(time.perf_counter() - started)
+
+    def _exhausted(self, rejected: bool) -> None:
+        """A checkout timed out or was refused: mark the request (its error becomes a 503), count, warn once."""
+        if rejected:
+            self.rejected += 1
+        unit = current_unit.get()
+        if unit is not None:
+            unit.exhausted = self
+        if not self.overloaded:
+            self.overloaded = True
+            logger.warning(
+                "asgi_dbpool: engine %r: pool exhausted (%s); answering 503 with Retry-After until it recovers",
+                self.name,
+                self._figures(),
+            )
+
+    def _figures(self) -> str:
+        snap = self.snapshot()
+        return (
+            f"pool_size={snap['pool_size']}, checked_out={snap['checked_out']}, overflow={snap['overflow']}, "
+            f"waiting={self.pending}, timeouts={self.timeouts}, rejected={self.rejected}"
+        )
 
     def _refusal(self) -> PoolClosedError:
         return PoolClosedError(
