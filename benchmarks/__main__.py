@@ -222,9 +222,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def uvicorn_process(url: str, variant: str, pool: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def uvicorn_process(
+    url: str, variant: str, pool: str, pool_timeout: float = 30
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
-    env = {**os.environ, "BENCH_DATABASE_URL": url, "BENCH_POOL": pool, "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "BENCH_DATABASE_URL": url,
+        "BENCH_POOL": pool,
+        "BENCH_POOL_TIMEOUT": str(pool_timeout),
+        "PYTHONPATH": str(ROOT),
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", f"benchmarks.apps:{variant}", "--port", str(port), "--log-level", "warning"],
         cwd=ROOT,
@@ -318,6 +326,37 @@ def bench_shutdown(url: str, rounds: int) -> str:
     return table(["variant", "SIGTERM → exit (median)", "vs bare (median of per-round differences)", "min-max"], rows)
 
 
+def bench_overload(url: str, rounds: int, seconds: float) -> str:
+    """4x more clients than the pool serves (pool 4, no overflow, 2 s timeout, 50 ms holds): goodput and p99."""
+    labels = {"wrapped": "wait for the pool (DB_POOL_TIMEOUT 2 s)", "failfast": "fail fast (DB_POOL_MAX_PENDING=4)"}
+    goodput = Series(labels["wrapped"])
+    p99 = Series(labels["wrapped"])
+    errors: dict[str, int] = dict.fromkeys(labels.values(), 0)
+    for r in range(rounds):
+        for variant in ["wrapped", "failfast"] if r % 2 == 0 else ["failfast", "wrapped"]:
+            with uvicorn_process(url, variant, "4,0", pool_timeout=2) as (proc, port):
+                out = subprocess.run(
+                    [sys.executable, "-m", "benchmarks.loadgen", str(port), "/hold", "16", str(seconds)],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                res = json.loads(out.stdout)
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(30)
+            label = labels[variant]
+            goodput.add(label, res["requests"] / res["seconds"])
+            lat = res["latencies_ms"]
+            p99.add(label, lat[int(len(lat) * 0.99) - 1] if lat else float("nan"))
+            errors[label] += res["errors"]
+    rows = [
+        [*goodput.row(k, "ok/s")[:2], f"{statistics.median(p99.samples[k]):.0f} ms", str(errors[k])]
+        for k in labels.values()
+    ]
+    return table(["variant", "goodput (median)", "p99 of successful requests", "503s (all rounds)"], rows)
+
+
 def environment() -> str:
     libs = ", ".join(f"{p} {version(p)}" for p in ("sqlalchemy", "asyncpg", "starlette", "uvicorn", "asgi-dbpool"))
     return f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}; {libs}"
@@ -326,10 +365,10 @@ def environment() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="one tiny round of each (for the test suite)")
-    parser.add_argument("--only", nargs="*", choices=["inprocess", "checkout", "e2e", "shutdown"])
+    parser.add_argument("--only", nargs="*", choices=["inprocess", "checkout", "e2e", "shutdown", "overload"])
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args(argv)
-    chosen = set(args.only or ["inprocess", "checkout", "e2e", "shutdown"])
+    chosen = set(args.only or ["inprocess", "checkout", "e2e", "shutdown", "overload"])
     rounds, n, seconds = (1, 200, 0.3) if args.smoke else (7, 20000, 3.0)
     sections = [
         f"# Benchmark results\n\nMachine: {environment()}.\n"
@@ -352,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
             sections.append(
                 "## Shutdown latency: pool warmed to 30 + 40 connections, SIGTERM → exit\n\n"
                 + bench_shutdown(url, max(rounds // 2, 1))
+            )
+        if "overload" in chosen:
+            sections.append(
+                "## Overload: 16 clients on a pool of 4 (no overflow), 50 ms per request\n\n"
+                + bench_overload(url, max(rounds // 2, 1), seconds)
             )
     text = "\n\n".join(sections) + "\n"
     print(text)

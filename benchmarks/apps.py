@@ -25,6 +25,7 @@ engine = create_async_engine(
     os.environ["BENCH_DATABASE_URL"],
     pool_size=size,
     max_overflow=overflow,
+    pool_timeout=float(os.environ.get("BENCH_POOL_TIMEOUT", "30")),
     connect_args={"server_settings": {"application_name": os.environ.get("BENCH_APP_NAME", "bench")}},
 )
 maker = async_sessionmaker(engine)
@@ -52,6 +53,14 @@ async def report_lifespan(app: Starlette) -> AsyncIterator[None]:
     await engine.dispose()
 
 
-bare: Any = Starlette(routes=routes)
-report: Any = Starlette(routes=routes, lifespan=report_lifespan)
-wrapped: Any = DBPoolMiddleware(Starlette(routes=routes), engine)
+def __getattr__(name: str) -> Any:
+    """Build only the variant the server asks for: pool options are per engine, one middleware per engine."""
+    variants = {
+        "bare": lambda: Starlette(routes=routes),
+        "report": lambda: Starlette(routes=routes, lifespan=report_lifespan),
+        "wrapped": lambda: DBPoolMiddleware(Starlette(routes=routes), engine),
+        "failfast": lambda: DBPoolMiddleware(Starlette(routes=routes), engine, max_pending=size),
+    }
+    if name not in variants:
+        raise AttributeError(name)
+    return variants[name]()

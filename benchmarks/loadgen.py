@@ -23,8 +23,10 @@ async def client(port: int, path: str, until: float, latencies: list[float], cou
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":", 1)[1])
             await reader.readexactly(length)
-            latencies.append(time.perf_counter() - started)
-            counts[0 if head.startswith(b"HTTP/1.1 200") else 1] += 1
+            ok = head.startswith(b"HTTP/1.1 200")
+            if ok:  # latencies of successful requests only
+                latencies.append(time.perf_counter() - started)
+            counts[0 if ok else 1] += 1
     finally:
         writer.close()
 
@@ -36,7 +38,7 @@ async def main(port: int, path: str, connections: int, seconds: float) -> None:
     until = started + seconds
     await asyncio.gather(*(client(port, path, until, latencies, counts) for _ in range(connections)))
     elapsed = time.perf_counter() - started
-    sample = sorted(random.sample(latencies, min(len(latencies), 20000)))
+    sample = sorted(random.sample(latencies, min(len(latencies), 20000))) if latencies else []
     print(
         json.dumps(
             {"requests": counts[0], "errors": counts[1], "seconds": elapsed, "latencies_ms": [x * 1000 for x in sample]}

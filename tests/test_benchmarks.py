@@ -25,7 +25,7 @@ def test_benchmarks_smoke(database_url: str, tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    for heading in ("Per-request overhead", "Pool checkout/checkin loop", "End to end", "Shutdown latency"):
+    for heading in ("Per-request overhead", "Pool checkout/checkin loop", "End to end", "Shutdown latency", "Overload"):
         assert f"## {heading}" in proc.stdout
     assert "| DBPoolMiddleware |" in proc.stdout
     assert not (tmp_path / "r.md").exists()  # a smoke run is not a measurement: RESULTS.md is not written
