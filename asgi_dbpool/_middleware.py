@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from . import _logfilter, _shutdown
+from . import _logfilter, _otel, _shutdown
 from ._advice import budget_warnings, read_server, workers_from_env
 from ._checkout import Unit, current_unit
 from ._connections import (
@@ -98,6 +98,7 @@ class DBPoolMiddleware:
         for tracker in self.all_trackers():
             tracker.leak_threshold = leak_threshold
             tracker.max_pending = max_pending
+        self.opentelemetry = _otel.enroll(self.all_trackers())
         self.sessionmakers = {name: async_sessionmaker(eng, expire_on_commit=False) for name, eng in named.items()}
         self.shutdown_timeout = float(shutdown_timeout)
         self.startup_timeout = float(startup_timeout)

@@ -96,7 +96,7 @@ async def test_pool_timeout_becomes_503_with_retry_after(
     assert any("pool no longer exhausted" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("kind", ["starlette", "fastapi"])
+@pytest.mark.parametrize("kind", list(APPS))
 async def test_control_without_the_middleware_answers_500(kind: str, make_engine: Callable[..., AsyncEngine]) -> None:
     engine = make_engine(pool_size=2, max_overflow=0, pool_timeout=0.2)
     responses = await burst(APPS[kind](engine))
