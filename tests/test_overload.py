@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -64,11 +65,15 @@ def fastapi_app(engine: AsyncEngine) -> Any:
 APPS = {"raw": raw_app, "starlette": starlette_app, "fastapi": fastapi_app}
 
 
-async def burst(app: Any, n: int = 20) -> list[httpx.Response]:
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30) as client:
-            return await asyncio.gather(*(client.get("/") for _ in range(n)))
+async def burst(app: Any, n: int = 20, lifespan: bool = True) -> list[httpx.Response]:
+    async with contextlib.AsyncExitStack() as stack:
+        if lifespan:
+            app = (await stack.enter_async_context(LifespanManager(app))).app
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        client = await stack.enter_async_context(
+            httpx.AsyncClient(transport=transport, base_url="http://t", timeout=30)
+        )
+        return await asyncio.gather(*(client.get("/") for _ in range(n)))
 
 
 @pytest.mark.parametrize("kind", list(APPS))
@@ -99,7 +104,7 @@ async def test_pool_timeout_becomes_503_with_retry_after(
 @pytest.mark.parametrize("kind", list(APPS))
 async def test_control_without_the_middleware_answers_500(kind: str, make_engine: Callable[..., AsyncEngine]) -> None:
     engine = make_engine(pool_size=2, max_overflow=0, pool_timeout=0.2)
-    responses = await burst(APPS[kind](engine))
+    responses = await burst(APPS[kind](engine), lifespan=kind != "raw")  # the raw app speaks no lifespan
     await engine.dispose()
     assert 500 in {r.status_code for r in responses}
 
