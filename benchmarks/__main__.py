@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         if "e2e" in chosen:
             sections.append(
                 "## End to end: uvicorn, one `SELECT 1` per request, 64 keep-alive clients\n\n"
-                + bench_end_to_end(url, max(rounds // 2, 1), seconds)
+                + bench_end_to_end(url, rounds, seconds)
             )
         if "shutdown" in chosen:
             sections.append(
