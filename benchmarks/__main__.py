@@ -175,6 +175,8 @@ async def bench_checkout(url: str, rounds: int, n: int) -> str:
     plain = create_async_engine(url, pool_size=5)
     tracked = create_async_engine(url, pool_size=5)
     tracker_for(tracked, "tracked")
+    stacks = create_async_engine(url, pool_size=5)
+    tracker_for(stacks, "stacks").leak_threshold = 3600.0  # leak detection on: a stack is captured per checkout
 
     from sqlalchemy import text
 
@@ -192,18 +194,13 @@ async def bench_checkout(url: str, rounds: int, n: int) -> str:
 
         return run
 
-    bare = await interleave(
-        {"plain engine": rate(plain, False), "with asgi_dbpool events": rate(tracked, False)}, rounds, "plain engine"
-    )
-    queried = await interleave(
-        {"plain engine": rate(plain, True), "with asgi_dbpool events": rate(tracked, True)}, rounds, "plain engine"
-    )
-    await plain.dispose()
-    await tracked.dispose()
-    rows = [bare.row(k, "checkouts/s") for k in ("plain engine", "with asgi_dbpool events")]
-    rows += [
-        [f"{k} + `SELECT 1`", *queried.row(k, "cycles/s")[1:]] for k in ("plain engine", "with asgi_dbpool events")
-    ]
+    names = {"plain engine": plain, "with asgi_dbpool events": tracked, "with leak detection (stacks)": stacks}
+    bare = await interleave({k: rate(e, False) for k, e in names.items()}, rounds, "plain engine")
+    queried = await interleave({k: rate(e, True) for k, e in names.items()}, rounds, "plain engine")
+    for engine in names.values():
+        await engine.dispose()
+    rows = [bare.row(k, "checkouts/s") for k in names]
+    rows += [[f"{k} + `SELECT 1`", *queried.row(k, "cycles/s")[1:]] for k in names]
     return table(["variant", "median rate", "ratio to plain", "min-max"], rows)
 
 

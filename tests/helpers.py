@@ -100,3 +100,23 @@ class WebSocketPeer:
 
     def types(self) -> list[str]:
         return [m["type"] for m in self.sent]
+
+
+async def cut_off_post(app: ASGIApp, reached: asyncio.Event, msg: str | None = None) -> list[Message]:
+    """POST / to ``app`` in a task, wait until the handler set ``reached``, then cancel the task as a server
+    does (graceful timeout, force exit); return what the app sent. The task must end without an exception."""
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "query_string": b"", "root_path": ""}
+    task = asyncio.create_task(app(scope, receive, send))
+    await asyncio.wait_for(reached.wait(), 10)
+    task.cancel(msg)
+    await task  # the cancellation ended in an answer, not an exception for the server to print
+    assert task.cancelling() == 0
+    return sent

@@ -25,7 +25,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from asgi_dbpool import DBPoolMiddleware, PoolClosedError
 from tests.conftest import asyncpg_dsn, backends
-from tests.helpers import LifespanDriver, WebSocketPeer
+from tests.helpers import LifespanDriver, WebSocketPeer, cut_off_post
 
 pytestmark = pytest.mark.anyio
 THIS_FILE = __file__
@@ -387,22 +387,9 @@ async def test_a_request_cancelled_by_the_server_gets_a_clean_503(
         return PlainTextResponse("never")  # pragma: no cover
 
     app = DBPoolMiddleware(Starlette(routes=[Route("/", write, methods=["POST"])]), engine)
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "query_string": b"", "root_path": ""}
     caplog.set_level(logging.WARNING, logger="asgi_dbpool")
     async with LifespanManager(app):
-        task = asyncio.create_task(app(scope, receive, send))
-        await asyncio.wait_for(in_query.wait(), 10)
-        task.cancel("Task cancelled, timeout graceful shutdown exceeded")
-        await task  # the cancellation ended in an answer, not an exception for the server to print
-        assert task.cancelling() == 0
+        sent = await cut_off_post(app, in_query, "Task cancelled, timeout graceful shutdown exceeded")
     assert sent[0]["status"] == 503
     assert (b"connection", b"close") in sent[0]["headers"]
     assert messages(caplog, logging.WARNING) == [
@@ -452,21 +439,9 @@ async def test_a_request_cancelled_after_its_commit_gets_500_without_retry_after
         return PlainTextResponse("never")  # pragma: no cover
 
     app = DBPoolMiddleware(Starlette(routes=[Route("/", write, methods=["POST"])]), engine)
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "query_string": b"", "root_path": ""}
     caplog.set_level(logging.WARNING, logger="asgi_dbpool")
     async with LifespanManager(app):
-        task = asyncio.create_task(app(scope, receive, send))
-        await asyncio.wait_for(committed.wait(), 10)
-        task.cancel()
-        await task
+        sent = await cut_off_post(app, committed)
     assert sent[0]["status"] == 500
     assert b"retry-after" not in dict(sent[0]["headers"])
     assert messages(caplog, logging.WARNING) == [
