@@ -33,7 +33,6 @@ class Budget:
         self.drain_deadline = self.started + seconds * DRAIN_SHARE
         self.app_deadline = self.started + seconds * APP_SHARE
         self.deadline = self.started + seconds
-        self.overruns: list[str] = []
 
     def elapsed(self) -> float:
         return asyncio.get_running_loop().time() - self.started
@@ -49,7 +48,6 @@ class Budget:
             return True
         except TimeoutError:
             detail = still_running() if callable(still_running) else ""
-            self.overruns.append(what)
             logger.warning(
                 "asgi_dbpool: shutdown budget (shutdown_timeout=%.1fs) ran out waiting for %s%s; moving on",
                 self.seconds,
@@ -120,10 +118,9 @@ async def shutdown(mw: DBPoolMiddleware, inner: InnerLifespan) -> tuple[str, str
     # 5. The wrapped app's own shutdown (it may still use the database).
     answer = await inner.stop(budget.left(budget.app_deadline))
     if answer[0] == "timeout":
-        budget.overruns.append("the wrapped app's lifespan shutdown")
         logger.warning("asgi_dbpool: %s; it was cancelled", answer[1])
 
-    # 6-7. Reclaim what is still checked out, dispose every engine; afterwards checkouts are refused.
+    # 6-7. Refuse checkouts from here on, reclaim what is still checked out, dispose every engine.
     await close_engines(mw, budget)
     logger.info("asgi_dbpool: shutdown finished in %.3fs", budget.elapsed())
     return answer
