@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import re
+import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,10 @@ from sqlalchemy.engine import URL, make_url
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
+
+
+def _unique_statement_name() -> str:
+    return f"__asyncpg_{uuid.uuid4().hex}__"
 
 
 class ConfigError(ValueError):
@@ -31,6 +36,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "leak_threshold": 0.0,
     "retry_after": 1,
     "max_pending": 0,
+    "pgbouncer": "off",
 }
 
 MAX_CONNECTIONS = 10_000  # no PostgreSQL server takes more from one process
@@ -99,6 +105,13 @@ def _url(name: str, raw: str, drivers: frozenset[str]) -> str:
     return raw.strip()
 
 
+def _pgbouncer(name: str, raw: str) -> str:
+    text = raw.strip().lower()
+    if text not in ("off", "session", "transaction"):
+        raise ConfigError(f"{name}={raw!r} is not a PgBouncer pooling mode; use off, session or transaction.")
+    return text
+
+
 def _environment(raw: str) -> str:
     text = raw.strip().lower()
     if not text or not all(ch.isalnum() or ch in "-_." for ch in text) or len(text) > 64:
@@ -120,6 +133,7 @@ class PoolSettings:
     leak_threshold: float = 0.0  # seconds a checkout may last before it is reported; 0 turns it off
     retry_after: int = 1  # the Retry-After of a 503 for an exhausted pool
     max_pending: int = 0  # fail a checkout at once when this many tasks already wait; 0 turns it off
+    pgbouncer: str = "off"  # "transaction" when PgBouncer runs in transaction pooling mode in front
     async_database_url: str | None = None
     database_url: str | None = None
 
@@ -133,6 +147,7 @@ class PoolSettings:
         _seconds("leak_threshold", str(self.leak_threshold), allow_zero=True)
         _int("retry_after", str(self.retry_after), minimum=0, maximum=3600)
         _int("max_pending", str(self.max_pending), minimum=0)
+        _pgbouncer("pgbouncer", self.pgbouncer)
         if self.async_database_url is not None:
             _url("async_database_url", self.async_database_url, _ASYNC_DRIVERS)
         if self.database_url is not None:
@@ -165,6 +180,7 @@ class PoolSettings:
             "DB_POOL_LEAK_THRESHOLD": ("leak_threshold", lambda n, v: _seconds(n, v, allow_zero=True)),
             "DB_POOL_RETRY_AFTER": ("retry_after", lambda n, v: _int(n, v, minimum=0, maximum=3600)),
             "DB_POOL_MAX_PENDING": ("max_pending", lambda n, v: _int(n, v, minimum=0)),
+            "DB_PGBOUNCER": ("pgbouncer", _pgbouncer),
             "ASYNC_DATABASE_URL": ("async_database_url", lambda n, v: _url(n, v, _ASYNC_DRIVERS)),
             "DATABASE_URL": ("database_url", lambda n, v: _url(n, v, _ASYNC_DRIVERS | _SYNC_DRIVERS)),
         }
@@ -206,6 +222,15 @@ class PoolSettings:
 
         target = self.async_url() if url is None else make_url(url)
         connect_args = {"command_timeout": self.query_timeout or None, **kwargs.pop("connect_args", {})}
+        if self.pgbouncer == "transaction":
+            # PgBouncer in transaction mode hands each transaction to any server connection, but prepared
+            # statements live on one server connection: asyncpg's statement cache (statement_cache_size=0),
+            # its fixed statement names (a unique name each time) and SQLAlchemy's own prepared-statement cache
+            # (prepared_statement_cache_size=0, a dialect option read from the URL) must all be off, or about
+            # 40% of queries fail with 'prepared statement "__asyncpg_stmt_N__" does not exist'.
+            target = target.update_query_dict({"prepared_statement_cache_size": "0"})
+            connect_args.setdefault("statement_cache_size", 0)
+            connect_args.setdefault("prepared_statement_name_func", _unique_statement_name)
         return create_async_engine(target, **{**self.engine_options(), "connect_args": connect_args, **kwargs})
 
     def create_sync_engine(self, url: str | URL | None = None, **kwargs: Any) -> Engine:
