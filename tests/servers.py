@@ -41,6 +41,23 @@ def free_port() -> int:
 
 def server_command(server: str, target: str, port: int, graceful: float) -> list[str]:
     spec = f"tests.apps.server_app:{target}"
+    if server == "uvicorn-workers":
+        return [sys.executable, "-m", "uvicorn", spec, "--port", str(port), "--workers", "4"]
+    if server == "gunicorn":
+        return [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            spec,
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "4",
+            "--worker-class",
+            "uvicorn_worker.UvicornWorker",
+            "--graceful-timeout",
+            str(int(graceful)),
+        ]
     if server == "uvicorn":
         return [
             sys.executable,
