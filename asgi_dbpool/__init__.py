@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from ._guard import is_closed_loop_error, is_shutting_down, mark_shutting_down, shutdown_tolerant
 from ._logfilter import ShutdownNoiseFilter
-from ._middleware import DBPoolMiddleware, StartupError
+from ._middleware import DBPoolMiddleware
 from ._settings import ConfigError, PoolSettings, mask_url
+from ._startup import StartupError
 from ._stats import PoolStatsApp
 from ._tracker import PoolClosedError
 from ._version import __version__

@@ -7,11 +7,9 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from . import _logfilter, _otel, _shutdown
-from ._advice import budget_warnings, read_server, workers_from_env
+from . import _otel, _shutdown, _startup
 from ._checkout import Unit, current_unit
 from ._connections import (
     POOL_EXHAUSTED,
@@ -21,12 +19,12 @@ from ._connections import (
     overload_guard,
     respond,
 )
-from ._guard import clear_shutting_down, mark_shutting_down
-from ._lifespan import InnerLifespan, one_line
+from ._guard import mark_shutting_down
+from ._lifespan import InnerLifespan
 from ._monitor import PoolMonitor
-from ._settings import mask_url
+from ._registry import name_engines, tracker_for
 from ._stats import PoolStatsApp, route_path
-from ._tracker import PoolTracker, name_engines, tracker_for
+from ._tracker import PoolTracker
 from ._types import STATE_KEY, ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -35,10 +33,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("asgi_dbpool")
 
 DEFAULT_STATS_PATH = "/api/system/database/pool"
-
-
-class StartupError(RuntimeError):
-    """A database could not be reached at startup (the message is the one line the server shows)."""
 
 
 class DBPoolMiddleware:
@@ -203,7 +197,7 @@ class DBPoolMiddleware:
         try:
             try:
                 await self._startup()
-            except StartupError as exc:
+            except _startup.StartupError as exc:
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})
                 return
             inner = InnerLifespan(self.app, scope)
@@ -226,48 +220,7 @@ class DBPoolMiddleware:
             await send({"type": "lifespan.shutdown.complete"})
 
     async def _startup(self) -> None:
-        clear_shutting_down()
-        self.shutting_down = False
-        for tracker in self.all_trackers():
-            tracker.reopen()
-        for tracker in self.all_trackers():
-            try:
-                async with asyncio.timeout(self.startup_timeout):
-                    await _ping(tracker)
-            except Exception as exc:
-                await _dispose_quietly(self.all_trackers())
-                cause = f"timed out after {self.startup_timeout:g}s" if isinstance(exc, TimeoutError) else one_line(exc)
-                raise StartupError(
-                    f"asgi_dbpool: cannot reach database {tracker.name!r} at {mask_url(tracker.engine.url)}: {cause}"
-                ) from exc
-        await self._check_budget()
-        if self.install_log_filter:
-            _logfilter.install(_pool_logger_names(self.all_trackers()))
-        self._monitor_task = asyncio.create_task(self.monitor.run(), name="asgi_dbpool: pool monitor")
-        if self.leak_threshold is not None:
-            self._leak_task = asyncio.create_task(self._watch_leaks(), name="asgi_dbpool: leak detection")
-        logger.info("asgi_dbpool: %d engine(s) reachable; pool monitor started", len(self.all_trackers()))
-
-    async def _check_budget(self) -> None:
-        for tracker in self.trackers:
-            try:
-                await read_server(tracker)
-            except Exception as exc:  # advice and the budget check go without; nothing else depends on it
-                logger.info(
-                    "asgi_dbpool: could not read the server settings of %r (no budget check, no recycle advice): %s",
-                    tracker.name,
-                    one_line(exc),
-                )
-        for line in budget_warnings(self.trackers, self.workers or workers_from_env()):
-            logger.warning(line)
-
-    async def _watch_leaks(self) -> None:
-        assert self.leak_threshold is not None
-        tick = min(self.leak_threshold / 2, 1.0)
-        while True:
-            await asyncio.sleep(tick)
-            for tracker in self.all_trackers():
-                tracker.check_leaks()
+        await _startup.startup(self)
 
     def _enter_shutdown(self) -> None:
         self.shutting_down = True
@@ -275,35 +228,3 @@ class DBPoolMiddleware:
 
     def _own_tasks(self) -> list[asyncio.Task[Any]]:
         return [task for task in (self._monitor_task, self._leak_task) if task is not None]
-
-
-async def _ping(tracker: PoolTracker) -> None:
-    if tracker.async_engine is not None:
-        async with tracker.async_engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-    else:
-
-        def ping() -> None:
-            with tracker.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-
-        await asyncio.to_thread(ping)
-
-
-async def _dispose_quietly(trackers: list[PoolTracker]) -> None:
-    for tracker in trackers:
-        try:
-            if tracker.async_engine is not None:
-                await tracker.async_engine.dispose()
-            else:
-                await asyncio.to_thread(tracker.engine.dispose)
-        except Exception as exc:  # the database is down; nothing is open to close
-            logger.debug("asgi_dbpool: dispose after failed startup: %r", exc)
-
-
-def _pool_logger_names(trackers: list[PoolTracker]) -> list[str]:
-    names = []
-    for tracker in trackers:
-        lg: Any = tracker.engine.pool.logger
-        names.append(getattr(lg, "logger", lg).name)
-    return names

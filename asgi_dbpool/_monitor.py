@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 from ._tracker import PoolTracker
@@ -74,3 +75,25 @@ class PoolMonitor:
                 self.check()
             except Exception:  # pragma: no cover - check() already guards each pool
                 logger.exception("asgi_dbpool: pool monitor check failed")
+
+
+def check_leaks(tracker: PoolTracker, now: float | None = None) -> int:
+    """One WARNING, with the checkout stack, per connection held past ``leak_threshold`` (once each)."""
+    if tracker.leak_threshold is None:
+        return 0
+    now = time.monotonic() if now is None else now
+    found = 0
+    for checkout in list(tracker.checkouts.values()):
+        if not checkout.reported and now - checkout.since > tracker.leak_threshold:
+            checkout.reported = True
+            tracker.leaks += 1
+            found += 1
+            stack = "".join(f"\n    {line}" for line in checkout.stack or [checkout.site])
+            logger.warning(
+                "asgi_dbpool: engine %r: connection held for %.1fs (leak threshold %gs), checked out at:%s",
+                tracker.name,
+                now - checkout.since,
+                tracker.leak_threshold,
+                stack,
+            )
+    return found

@@ -12,7 +12,8 @@ from typing import Any
 from ._advice import advise
 from ._guard import is_shutting_down
 from ._metrics import render
-from ._tracker import PoolTracker, name_engines, tracker_for
+from ._registry import name_engines, tracker_for
+from ._tracker import PoolTracker
 from ._types import Receive, Scope, Send
 from ._version import __version__
 

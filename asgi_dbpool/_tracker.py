@@ -178,27 +178,6 @@ class PoolTracker:
             "opened now. Finish database work before the app's lifespan shutdown completes."
         )
 
-    def check_leaks(self, now: float | None = None) -> int:
-        """One WARNING, with the checkout stack, per connection held past ``leak_threshold`` (once each)."""
-        if self.leak_threshold is None:
-            return 0
-        now = time.monotonic() if now is None else now
-        found = 0
-        for checkout in list(self.checkouts.values()):
-            if not checkout.reported and now - checkout.since > self.leak_threshold:
-                checkout.reported = True
-                self.leaks += 1
-                found += 1
-                stack = "".join(f"\n    {line}" for line in checkout.stack or [checkout.site])
-                logger.warning(
-                    "asgi_dbpool: engine %r: connection held for %.1fs (leak threshold %gs), checked out at:%s",
-                    self.name,
-                    now - checkout.since,
-                    self.leak_threshold,
-                    stack,
-                )
-        return found
-
     def pool_size(self) -> int:
         pool: Any = self.engine.pool
         return int(pool.size()) if hasattr(pool, "size") else 0
@@ -275,32 +254,3 @@ class PoolTracker:
 
     def reopen(self) -> None:
         self.closed = False
-
-
-_registry: weakref.WeakKeyDictionary[Engine, PoolTracker] = weakref.WeakKeyDictionary()
-
-
-def tracker_for(engine: Engine | AsyncEngine, name: str) -> PoolTracker:
-    """The one tracker of ``engine`` (created on first use, shared by middleware and stats app)."""
-    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-    tracker = _registry.get(sync_engine)
-    if tracker is None:
-        tracker = _registry[sync_engine] = PoolTracker(engine, name)
-    elif tracker.async_engine is None and isinstance(engine, AsyncEngine):
-        tracker.async_engine = engine
-    return tracker
-
-
-def name_engines(engines: Any) -> dict[str, Any]:
-    """Normalise ``engine`` arguments: one engine becomes ``{"default": engine}``; a mapping is kept in order."""
-    if isinstance(engines, AsyncEngine) or (hasattr(engines, "pool") and hasattr(engines, "dispose")):
-        return {"default": engines}
-    if hasattr(engines, "items"):
-        named = dict(engines.items())
-        if not named:
-            raise ValueError("asgi_dbpool: the engine mapping is empty; pass at least one AsyncEngine.")
-        for key, value in named.items():
-            if not isinstance(key, str) or not (isinstance(value, AsyncEngine) or hasattr(value, "pool")):
-                raise TypeError(f"asgi_dbpool: engine {key!r}: expected an AsyncEngine or Engine, got {value!r}.")
-        return named
-    raise TypeError(f"asgi_dbpool: expected an AsyncEngine or a mapping of names to engines, got {engines!r}.")

@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from asgi_dbpool import DBPoolMiddleware, PoolStatsApp
 from asgi_dbpool._monitor import PoolMonitor
-from asgi_dbpool._tracker import tracker_for
+from asgi_dbpool._registry import tracker_for
 from tests.conftest import asyncpg_dsn
 
 pytestmark = pytest.mark.anyio

@@ -401,7 +401,7 @@ async def test_refused_checkout_of_a_pooled_connection_closes_it(
     make_engine: Callable[..., AsyncEngine], database_url: str
 ) -> None:
     """Once shutdown reclaims, even an idle pooled connection is not handed out (it is closed instead)."""
-    from asgi_dbpool._tracker import tracker_for
+    from asgi_dbpool._registry import tracker_for
 
     engine = make_engine()
     tracker = tracker_for(engine, "default")

@@ -1,0 +1,42 @@
+"""One tracker per engine, shared by the middleware and the stats app; engine arguments normalised."""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ._tracker import PoolTracker
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+
+_registry: weakref.WeakKeyDictionary[Engine, PoolTracker] = weakref.WeakKeyDictionary()
+
+
+def tracker_for(engine: Engine | AsyncEngine, name: str) -> PoolTracker:
+    """The one tracker of ``engine`` (created on first use, shared by middleware and stats app)."""
+    sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+    tracker = _registry.get(sync_engine)
+    if tracker is None:
+        tracker = _registry[sync_engine] = PoolTracker(engine, name)
+    elif tracker.async_engine is None and isinstance(engine, AsyncEngine):
+        tracker.async_engine = engine
+    return tracker
+
+
+def name_engines(engines: Any) -> dict[str, Any]:
+    """Normalise ``engine`` arguments: one engine becomes ``{"default": engine}``; a mapping is kept in order."""
+    if isinstance(engines, AsyncEngine) or (hasattr(engines, "pool") and hasattr(engines, "dispose")):
+        return {"default": engines}
+    if hasattr(engines, "items"):
+        named = dict(engines.items())
+        if not named:
+            raise ValueError("asgi_dbpool: the engine mapping is empty; pass at least one AsyncEngine.")
+        for key, value in named.items():
+            if not isinstance(key, str) or not (isinstance(value, AsyncEngine) or hasattr(value, "pool")):
+                raise TypeError(f"asgi_dbpool: engine {key!r}: expected an AsyncEngine or Engine, got {value!r}.")
+        return named
+    raise TypeError(f"asgi_dbpool: expected an AsyncEngine or a mapping of names to engines, got {engines!r}.")

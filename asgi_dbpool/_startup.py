@@ -1,0 +1,105 @@
+"""Startup: one round trip per engine, the server settings and the budget check, the filter, the monitors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import text
+
+from . import _logfilter
+from ._advice import budget_warnings, read_server, workers_from_env
+from ._guard import clear_shutting_down
+from ._lifespan import one_line
+from ._monitor import check_leaks
+from ._settings import mask_url
+from ._tracker import PoolTracker
+
+if TYPE_CHECKING:
+    from ._middleware import DBPoolMiddleware
+
+logger = logging.getLogger("asgi_dbpool")
+
+
+class StartupError(RuntimeError):
+    """A database could not be reached at startup (the message is the one line the server shows)."""
+
+
+async def startup(mw: DBPoolMiddleware) -> None:
+    clear_shutting_down()
+    mw.shutting_down = False
+    for tracker in mw.all_trackers():
+        tracker.reopen()
+    for tracker in mw.all_trackers():
+        try:
+            async with asyncio.timeout(mw.startup_timeout):
+                await _ping(tracker)
+        except Exception as exc:
+            await _dispose_quietly(mw.all_trackers())
+            cause = f"timed out after {mw.startup_timeout:g}s" if isinstance(exc, TimeoutError) else one_line(exc)
+            raise StartupError(
+                f"asgi_dbpool: cannot reach database {tracker.name!r} at {mask_url(tracker.engine.url)}: {cause}"
+            ) from exc
+    await check_budget(mw)
+    if mw.install_log_filter:
+        _logfilter.install(_pool_logger_names(mw.all_trackers()))
+    mw._monitor_task = asyncio.create_task(mw.monitor.run(), name="asgi_dbpool: pool monitor")
+    if mw.leak_threshold is not None:
+        mw._leak_task = asyncio.create_task(watch_leaks(mw), name="asgi_dbpool: leak detection")
+    logger.info("asgi_dbpool: %d engine(s) reachable; pool monitor started", len(mw.all_trackers()))
+
+
+async def check_budget(mw: DBPoolMiddleware) -> None:
+    for tracker in mw.trackers:
+        try:
+            await read_server(tracker)
+        except Exception as exc:  # advice and the budget check go without; nothing else depends on it
+            logger.info(
+                "asgi_dbpool: could not read the server settings of %r (no budget check, no recycle advice): %s",
+                tracker.name,
+                one_line(exc),
+            )
+    for line in budget_warnings(mw.trackers, mw.workers or workers_from_env()):
+        logger.warning(line)
+
+
+async def watch_leaks(mw: DBPoolMiddleware) -> None:
+    assert mw.leak_threshold is not None
+    tick = min(mw.leak_threshold / 2, 1.0)
+    while True:
+        await asyncio.sleep(tick)
+        for tracker in mw.all_trackers():
+            check_leaks(tracker)
+
+
+async def _ping(tracker: PoolTracker) -> None:
+    if tracker.async_engine is not None:
+        async with tracker.async_engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    else:
+
+        def ping() -> None:
+            with tracker.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+
+        await asyncio.to_thread(ping)
+
+
+async def _dispose_quietly(trackers: list[PoolTracker]) -> None:
+    for tracker in trackers:
+        try:
+            if tracker.async_engine is not None:
+                await tracker.async_engine.dispose()
+            else:
+                await asyncio.to_thread(tracker.engine.dispose)
+        except Exception as exc:  # the database is down; nothing is open to close
+            logger.debug("asgi_dbpool: dispose after failed startup: %r", exc)
+
+
+def _pool_logger_names(trackers: list[PoolTracker]) -> list[str]:
+    names = []
+    for tracker in trackers:
+        lg: Any = tracker.engine.pool.logger
+        names.append(getattr(lg, "logger", lg).name)
+    return names
