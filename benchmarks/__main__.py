@@ -166,6 +166,69 @@ async def bench_inprocess(url: str, rounds: int, n: int) -> str:
     return table(["variant", "median rate", "ratio to bare", "min-max"], rows)
 
 
+# -- 1b. per-request overhead with a real query, in process (CPU cost, without the load generator's noise) --
+async def bench_inprocess_db(url: str, rounds: int, n: int) -> str:
+    from asgi_lifespan import LifespanManager
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from asgi_dbpool import DBPoolMiddleware
+
+    def build(wrap: bool) -> Any:
+        engine = create_async_engine(url, pool_size=2)
+        maker = async_sessionmaker(engine)
+
+        async def query(request: Any) -> PlainTextResponse:
+            async with maker() as session:
+                return PlainTextResponse(str((await session.execute(text("SELECT 1"))).scalar_one()))
+
+        app = Starlette(routes=[Route("/q", query)])
+        return (DBPoolMiddleware(app, engine) if wrap else app), engine
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "path": "/q",
+        "raw_path": b"/q",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"bench")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "scheme": "http",
+    }
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        return None
+
+    def rate(app: Any, state: dict[str, Any]) -> Rate:
+        async def run() -> float:
+            started = time.perf_counter()
+            for _ in range(n):
+                await app({**scope, "state": dict(state)}, receive, send)
+            return n / (time.perf_counter() - started)
+
+        return run
+
+    (bare, bare_engine), (wrapped, wrapped_engine) = build(False), build(True)
+    async with LifespanManager(bare) as mb, LifespanManager(wrapped) as mw:
+        series = await interleave(
+            {"bare": rate(bare, mb._state), "DBPoolMiddleware": rate(wrapped, mw._state)}, rounds, "bare"
+        )
+    await bare_engine.dispose()
+    await wrapped_engine.dispose()
+    rows = [series.row(k, "req/s") for k in ("bare", "DBPoolMiddleware")]
+    return table(["variant", "median rate", "ratio to bare", "min-max"], rows)
+
+
 # -- 3. pool instrumentation cost ----------------------------------------------------------------------
 async def bench_checkout(url: str, rounds: int, n: int) -> str:
     from sqlalchemy.ext.asyncio import create_async_engine
@@ -362,10 +425,12 @@ def environment() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="one tiny round of each (for the test suite)")
-    parser.add_argument("--only", nargs="*", choices=["inprocess", "checkout", "e2e", "shutdown", "overload"])
+    parser.add_argument(
+        "--only", nargs="*", choices=["inprocess", "inprocess-db", "checkout", "e2e", "shutdown", "overload"]
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args(argv)
-    chosen = set(args.only or ["inprocess", "checkout", "e2e", "shutdown", "overload"])
+    chosen = set(args.only or ["inprocess", "inprocess-db", "checkout", "e2e", "shutdown", "overload"])
     rounds, n, seconds = (1, 200, 0.3) if args.smoke else (7, 20000, 3.0)
     sections = [
         f"# Benchmark results\n\nMachine: {environment()}.\n"
@@ -376,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
             sections.append(
                 "## Per-request overhead, in process (trivial Starlette endpoint)\n\n"
                 + asyncio.run(bench_inprocess(url, rounds, n))
+            )
+        if "inprocess-db" in chosen:
+            sections.append(
+                "## Per-request overhead, in process, one `SELECT 1` through a session per request\n\n"
+                + asyncio.run(bench_inprocess_db(url, rounds, max(n // 10, 20)))
             )
         if "checkout" in chosen:
             sections.append("## Pool checkout/checkin loop\n\n" + asyncio.run(bench_checkout(url, rounds, n)))
