@@ -60,6 +60,44 @@ async def interleave(variants: dict[str, Rate], rounds: int, baseline: str) -> S
     return series
 
 
+def http_scope(path: str) -> dict[str, Any]:
+    """A GET scope as a server would pass it (the benchmarks call apps directly, without a server)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"bench")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "scheme": "http",
+    }
+
+
+async def _http_receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def _discard(message: Any) -> None:
+    return None
+
+
+def http_rate(app: Any, state: dict[str, Any], scope: dict[str, Any], n: int) -> Rate:
+    """Requests per second of ``n`` direct ASGI calls, each with a fresh copy of the lifespan state."""
+
+    async def run() -> float:
+        started = time.perf_counter()
+        for _ in range(n):
+            await app({**scope, "state": dict(state)}, _http_receive, _discard)
+        return n / (time.perf_counter() - started)
+
+    return run
+
+
 # -- 1. per-request overhead, in process ------------------------------------------------------------
 async def bench_inprocess(url: str, rounds: int, n: int) -> str:
     from asgi_lifespan import LifespanManager
@@ -104,22 +142,8 @@ async def bench_inprocess(url: str, rounds: int, n: int) -> str:
         "BaseHTTPMiddleware session": Starlette(routes=routes, middleware=[Middleware(SessionMiddleware)]),
         "forwarding wrapper": Forward(Starlette(routes=routes)),
     }
-    http_scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "path": "/",
-        "raw_path": b"/",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"bench")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-        "scheme": "http",
-    }
     ws_scope = {
-        **http_scope,
+        **http_scope("/ws"),
         "type": "websocket",
         "path": "/ws",
         "raw_path": b"/ws",
@@ -127,27 +151,12 @@ async def bench_inprocess(url: str, rounds: int, n: int) -> str:
         "subprotocols": [],
     }
 
-    async def http_receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Any) -> None:
-        return None
-
-    def http_rate(app: Any, state: dict[str, Any]) -> Rate:
-        async def run() -> float:
-            started = time.perf_counter()
-            for _ in range(n):
-                await app({**http_scope, "state": dict(state)}, http_receive, send)
-            return n / (time.perf_counter() - started)
-
-        return run
-
     def ws_rate(app: Any, state: dict[str, Any]) -> Rate:
         async def run() -> float:
             started = time.perf_counter()
             for _ in range(n // 4):
                 messages = iter([{"type": "websocket.connect"}, {"type": "websocket.disconnect", "code": 1000}])
-                await app({**ws_scope, "state": dict(state)}, _receiver(messages), send)
+                await app({**ws_scope, "state": dict(state)}, _receiver(messages), _discard)
             return (n // 4) / (time.perf_counter() - started)
 
         return run
@@ -157,7 +166,9 @@ async def bench_inprocess(url: str, rounds: int, n: int) -> str:
         for name, app in apps.items():
             manager = await stack.enter_async_context(LifespanManager(app))
             states[name] = manager._state
-        http = await interleave({k: http_rate(a, states[k]) for k, a in apps.items()}, rounds, "bare")
+        http = await interleave(
+            {k: http_rate(a, states[k], http_scope("/"), n) for k, a in apps.items()}, rounds, "bare"
+        )
         wss = await interleave({k: ws_rate(a, states[k]) for k, a in apps.items()}, rounds, "bare")
     await engine.dispose()
     rows = [http.row(k, "req/s") for k in apps] + [
@@ -188,40 +199,14 @@ async def bench_inprocess_db(url: str, rounds: int, n: int) -> str:
         app = Starlette(routes=[Route("/q", query)])
         return (DBPoolMiddleware(app, engine) if wrap else app), engine
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "path": "/q",
-        "raw_path": b"/q",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"bench")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-        "scheme": "http",
-    }
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: Any) -> None:
-        return None
-
-    def rate(app: Any, state: dict[str, Any]) -> Rate:
-        async def run() -> float:
-            started = time.perf_counter()
-            for _ in range(n):
-                await app({**scope, "state": dict(state)}, receive, send)
-            return n / (time.perf_counter() - started)
-
-        return run
+    scope = http_scope("/q")
 
     (bare, bare_engine), (wrapped, wrapped_engine) = build(False), build(True)
     async with LifespanManager(bare) as mb, LifespanManager(wrapped) as mw:
         series = await interleave(
-            {"bare": rate(bare, mb._state), "DBPoolMiddleware": rate(wrapped, mw._state)}, rounds, "bare"
+            {"bare": http_rate(bare, mb._state, scope, n), "DBPoolMiddleware": http_rate(wrapped, mw._state, scope, n)},
+            rounds,
+            "bare",
         )
     await bare_engine.dispose()
     await wrapped_engine.dispose()
