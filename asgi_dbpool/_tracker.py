@@ -9,11 +9,11 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
+from ._acquire import PoolClosedError, PoolOverloadedError, instrument
 from ._checkout import Checkout, _current_task, _on_session_commit, checkout_site, checkout_stack, current_unit
 from ._metrics import Histogram
 
@@ -21,22 +21,16 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
+__all__ = ["PoolClosedError", "PoolOverloadedError", "PoolTracker"]
+
 logger = logging.getLogger("asgi_dbpool")
-
-
-class PoolClosedError(RuntimeError):
-    """A connection was asked for after the middleware disposed the engine at shutdown."""
-
-
-class PoolOverloadedError(sa_exc.TimeoutError):
-    """``max_pending`` tasks already wait for a connection: this checkout fails at once (a pool timeout)."""
 
 
 class PoolTracker:
     """Listens to one engine's pool; survives ``engine.dispose()`` (events follow the recreated pool).
 
     Pool events give checkouts, checkins, invalidations and connection creation; the pool's ``_do_get`` is
-    wrapped (per pool instance) for what no event shows: tasks waiting for a connection, wait time, timeouts.
+    wrapped (per pool instance, see :mod:`._acquire`) for what no event shows: who waits, how long, timeouts.
     """
 
     def __init__(self, engine: Engine | AsyncEngine, name: str) -> None:
@@ -57,6 +51,10 @@ class PoolTracker:
         self.overloaded = False
         self.closed = False
         self._reclaiming: set[int] = set()
+        # Tasks between asking the pool and the checkout event (waiting in the queue, or pre-pinging a record):
+        # they hold, or are about to hold, a connection no checkout event has shown yet (see _acquire).
+        self.acquiring: set[asyncio.Task[Any]] = set()
+        self.starting: dict[int, asyncio.Task[Any]] = {}
         self._connecting: dict[int, float] = {}
         self._instrumented: Any = None
         self._instrument(engine.pool)
@@ -70,36 +68,15 @@ class PoolTracker:
             event.listen(Session, "before_commit", _on_session_commit)
 
     def _instrument(self, pool: Any) -> None:
-        original = pool._do_get
-
-        def _do_get() -> Any:
-            if self.max_pending is not None and self.pending >= self.max_pending:
-                self._exhausted(rejected=True)
-                raise PoolOverloadedError(
-                    f"asgi_dbpool: engine {self.name!r}: {self.pending} tasks already wait for a connection "
-                    f"(max_pending={self.max_pending}); failing at once instead of waiting {pool._timeout:g}s"
-                )
-            self.pending += 1
-            started = time.perf_counter()
-            try:
-                record = original()
-            except sa_exc.TimeoutError:
-                self.timeouts += 1
-                self._exhausted(rejected=False)
-                raise
-            finally:
-                self.pending -= 1
-            self.wait.observe(time.perf_counter() - started)
-            return record
-
-        pool._do_get = _do_get
+        instrument(self, pool)
         self._instrumented = pool
 
     # -- pool events -------------------------------------------------------------------------
     def _on_checkout(self, dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection) -> None:
+        self.starting.pop(id(record), None)
         if self.closed:
             # SQLAlchemy closes the pooled connection it was about to hand out (gracefully: we are in its greenlet).
-            raise self._refusal()
+            raise self.refusal()
         pool: Any = self.engine.pool
         if pool is not self._instrumented:  # engine.dispose() made a new pool
             self._instrument(pool)
@@ -121,6 +98,7 @@ class PoolTracker:
         if self.overloaded and not self.pending:  # a connection is free and nobody waits: the episode is over
             self.overloaded = False
             logger.info("asgi_dbpool: engine %r: pool no longer exhausted (%s)", self.name, self._figures())
+        self.starting.pop(id(record), None)
         checkout = self.checkouts.pop(id(record), None)
         if checkout is not None:
             held = time.monotonic() - checkout.since
@@ -142,7 +120,7 @@ class PoolTracker:
 
     def _on_do_connect(self, dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
         if self.closed:
-            raise self._refusal()
+            raise self.refusal()
         self._connecting[id(record)] = time.perf_counter()
 
     def _on_connect(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
@@ -150,7 +128,7 @@ class PoolTracker:
         if started is not None:
             self.create.observe(time.perf_counter() - started)
 
-    def _exhausted(self, rejected: bool) -> None:
+    def exhausted(self, rejected: bool) -> None:
         """A checkout timed out or was refused: mark the request (its error becomes a 503), count, warn once."""
         if rejected:
             self.rejected += 1
@@ -172,7 +150,7 @@ class PoolTracker:
             f"waiting={self.pending}, timeouts={self.timeouts}, rejected={self.rejected}"
         )
 
-    def _refusal(self) -> PoolClosedError:
+    def refusal(self) -> PoolClosedError:
         return PoolClosedError(
             f"asgi_dbpool: engine {self.name!r} is closed for shutdown; no database connection is handed out or "
             "opened now. Finish database work before the app's lifespan shutdown completes."
@@ -203,8 +181,10 @@ class PoolTracker:
         }
 
     def owners(self, current: asyncio.Task[Any] | None) -> set[asyncio.Task[Any]]:
-        """Running tasks still working with a connection of this engine (``current`` left out)."""
-        return {c.owner for c in self.checkouts.values() if not c.is_leak(current)}  # type: ignore[misc]
+        """Running tasks working with a connection of this engine, or getting one (``current`` left out)."""
+        held = {c.owner for c in self.checkouts.values() if not c.is_leak(current)}
+        getting = {*self.acquiring, *self.starting.values()}
+        return {t for t in held | getting if t is not None and t is not current and not t.done()}
 
     # -- closing -----------------------------------------------------------------------------
     async def close_leaks(self) -> list[str]:
@@ -254,3 +234,5 @@ class PoolTracker:
 
     def reopen(self) -> None:
         self.closed = False
+        for key in [key for key, task in self.starting.items() if task.done()]:
+            del self.starting[key]  # in place: the pool wrapper holds this dict

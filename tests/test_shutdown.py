@@ -397,26 +397,84 @@ async def test_a_request_cancelled_by_the_server_gets_a_clean_503(
     ]
 
 
-async def test_refused_checkout_of_a_pooled_connection_closes_it(
+async def test_a_refused_checkout_never_touches_a_pooled_connection(
     make_engine: Callable[..., AsyncEngine], database_url: str
 ) -> None:
-    """Once shutdown reclaims, even an idle pooled connection is not handed out (it is closed instead)."""
+    """Once shutdown reclaims, a checkout fails before the pool hands out a record: no pre-ping goes out on a
+    connection that dispose is about to close, and the idle connection stays pooled for dispose."""
     from asgi_dbpool._registry import tracker_for
 
-    engine = make_engine()
+    engine = make_engine(pool_pre_ping=True)
     tracker = tracker_for(engine, "default")
+    pings: list[object] = []
+    real_ping = engine.dialect.do_ping
+    engine.dialect.do_ping = lambda conn: pings.append(conn) or real_ping(conn)  # type: ignore[method-assign]
     async with engine.connect() as conn:
         await conn.execute(text("SELECT 1"))
-    assert engine.pool.checkedin() == 1
+    async with engine.connect() as conn:  # a pooled connection is pinged on checkout
+        await conn.execute(text("SELECT 1"))
+    assert (len(pings), engine.pool.checkedin()) == (1, 1)
     tracker.refuse_checkouts()
     try:
         with pytest.raises(PoolClosedError, match="engine 'default' is closed for shutdown"):
             async with engine.connect():
                 pass  # pragma: no cover
-        assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
+        assert (len(pings), engine.pool.checkedin(), engine.pool.checkedout()) == (1, 1, 0)
         assert tracker.snapshot()["invalid"] == 0  # a refusal is not an invalidation
+        await tracker.dispose()
+        assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
     finally:
         tracker.reopen()
+
+
+async def test_tasks_waiting_for_a_connection_are_stopped_before_dispose(
+    make_engine: Callable[..., AsyncEngine], database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A task waiting in the pool's queue holds no connection yet, but the moment the holder's connection comes
+    back it would take it and pre-ping it while dispose runs (and the process exits): it is stopped too."""
+    engine = make_engine(pool_size=1, max_overflow=0, pool_pre_ping=True)
+    maker = async_sessionmaker(engine)
+    holding = asyncio.Event()
+    outcome: dict[str, str] = {}
+
+    async def holder() -> None:
+        try:
+            async with maker() as session:
+                await session.execute(text("SELECT 1"))
+                holding.set()
+                await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            outcome["holder"] = "cancelled"
+            raise
+
+    async def waiter() -> None:
+        await holding.wait()
+        try:
+            async with maker() as session:
+                await session.execute(text("SELECT 2"))
+            outcome["waiter"] = "got a connection"  # pragma: no cover - the failure this test guards against
+        except asyncio.CancelledError:
+            outcome["waiter"] = "cancelled"
+            raise
+        except PoolClosedError:  # pragma: no cover - the failure this test guards against
+            outcome["waiter"] = "refused after the pool gave it a record"
+
+    app = DBPoolMiddleware(returning_app, engine, shutdown_timeout=5)
+    tracker = app.trackers[0]
+    caplog.set_level(logging.INFO, logger="asgi_dbpool")
+    async with LifespanManager(app):
+        tasks = [asyncio.create_task(holder(), name="holder"), asyncio.create_task(waiter(), name="waiter")]
+        await holding.wait()
+        while tracker.pending == 0:  # noqa: ASYNC110 - the waiter is in the pool's queue now
+            await asyncio.sleep(0.005)
+    # Both were stopped, and had finished, before the lifespan answered.
+    assert [t.cancelled() for t in tasks] == [True, True]
+    assert outcome == {"holder": "cancelled", "waiter": "cancelled"}
+    names = f"holder ({holder.__qualname__}), waiter ({waiter.__qualname__})"
+    assert f"asgi_dbpool: cancelling 2 task(s) still holding connections: {names}" in messages(caplog)
+    assert messages(caplog, logging.WARNING) == []
+    assert (tracker.acquiring, tracker.starting) == (set(), {})
+    assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
 
 
 async def test_a_request_cancelled_after_its_commit_gets_500_without_retry_after(

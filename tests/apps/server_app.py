@@ -24,7 +24,7 @@ from starlette.websockets import WebSocket
 
 from asgi_dbpool import DBPoolMiddleware
 
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s [%(process)d]: %(message)s")
 logging.captureWarnings(True)
 
 RUN = os.environ.get("MATRIX_APP_NAME", "matrix")
