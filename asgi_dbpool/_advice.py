@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import text
 
-from ._settings import mask_url
+from ._settings import mask_url, workers_value
 from ._tracker import PoolTracker
 
 logger = logging.getLogger("asgi_dbpool")
@@ -39,35 +40,87 @@ async def read_server(tracker: PoolTracker) -> dict[str, int]:
     return server
 
 
-def workers_from_env(environ: dict[str, str] | None = None) -> int:
-    raw = (os.environ if environ is None else environ).get("WEB_CONCURRENCY", "1")
-    try:
-        return max(int(raw), 1)
-    except ValueError:
-        return 1
+def workers_from_env(environ: Mapping[str, str] | None = None) -> int:
+    """Worker processes per host from ``WEB_CONCURRENCY`` (1 when unset); a malformed value is a ConfigError."""
+    raw = (os.environ if environ is None else environ).get("WEB_CONCURRENCY")
+    return 1 if raw is None else workers_value("WEB_CONCURRENCY", raw)
 
 
-def budget_warnings(trackers: Iterable[PoolTracker], workers: int) -> list[str]:
-    """One line per database server whose connections the workers' pools could exhaust."""
-    by_server: dict[tuple[Any, ...], list[PoolTracker]] = {}
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """What the budget check multiplies by: workers per host, hosts, and PgBouncer in front (if any)."""
+
+    workers: int = 1
+    hosts: int = 1
+    pgbouncer_pool_size: int | None = None  # PgBouncer's server connections for the database/user, if known
+
+    def processes(self) -> str:
+        hosts = f" x {self.hosts} host(s)" if self.hosts > 1 else ""
+        return f"{self.workers} worker(s){hosts}"
+
+
+def budget_lines(
+    trackers: Iterable[PoolTracker], topology: Topology, pgbouncer: Callable[[PoolTracker], str]
+) -> list[tuple[int, str]]:
+    """``(level, line)`` per database address: WARNING where the pools can exhaust the server's connections.
+
+    Directly, every pool of every process is a server connection: workers x hosts x (size + overflow) must fit
+    ``max_connections`` less the reserved ones. Through PgBouncer those are *client* connections; the server
+    sees PgBouncer's own pool, which is what must fit (and, in session mode, each client connection holds one).
+    """
+    by_address: dict[tuple[Any, ...], list[PoolTracker]] = {}
     for t in trackers:
         if t.server:
             url = t.engine.url
-            by_server.setdefault((url.host, url.port, url.query.get("host")), []).append(t)
-    lines = []
-    for group in by_server.values():
+            by_address.setdefault((url.host, url.port, url.query.get("host"), pgbouncer(t)), []).append(t)
+    lines: list[tuple[int, str]] = []
+    for (*_, mode), group in by_address.items():
         server = group[0].server
         reserved = server["superuser_reserved_connections"] + server["reserved_connections"]
         available = server["max_connections"] - reserved
-        per_worker = sum(t.max_connections() for t in group)
-        if workers * per_worker > available:
-            pools = " + ".join(f"({t.pool_size()} + {t.max_connections() - t.pool_size()})" for t in group)
-            lines.append(
-                f"asgi_dbpool: connection budget exceeded on {mask_url(group[0].engine.url)}: {workers} worker(s) "
-                f"x {pools} = {workers * per_worker} connections > max_connections {server['max_connections']} "
-                f"- reserved {reserved} = {available}; lower DB_POOL_SIZE / DB_MAX_OVERFLOW, raise max_connections, "
-                "or put PgBouncer in front"
+        limit = f"max_connections {server['max_connections']} - reserved {reserved} = {available}"
+        total = topology.workers * topology.hosts * sum(t.max_connections() for t in group)
+        pools = " + ".join(f"({t.pool_size()} + {t.max_connections() - t.pool_size()})" for t in group)
+        arithmetic = f"{topology.processes()} x {pools} = {total}"
+        where = mask_url(group[0].engine.url)
+        bouncer = topology.pgbouncer_pool_size
+        through = f"through PgBouncer ({mode} pooling) at {where}: {arithmetic} client connections"
+        if mode == "off":
+            if total <= available:
+                continue
+            line = (
+                logging.WARNING,
+                f"asgi_dbpool: connection budget exceeded on {where}: {arithmetic} connections > {limit}; lower "
+                "DB_POOL_SIZE / DB_MAX_OVERFLOW, raise max_connections, or put PgBouncer in front",
             )
+        elif bouncer is None:
+            line = (
+                logging.INFO,
+                f"asgi_dbpool: connection budget {through} (PgBouncer's max_client_conn must allow them); the "
+                f"server's limit ({limit}) applies to PgBouncer's own pool: set DB_PGBOUNCER_POOL_SIZE "
+                "(pgbouncer_pool_size) to its default_pool_size + reserve_pool_size to have it checked",
+            )
+        elif bouncer > available:
+            line = (
+                logging.WARNING,
+                f"asgi_dbpool: connection budget exceeded {through} share PgBouncer's pool of {bouncer} server "
+                f"connections > {limit}; lower PgBouncer's default_pool_size + reserve_pool_size or raise "
+                "max_connections",
+            )
+        elif mode == "session" and total > bouncer:
+            line = (
+                logging.WARNING,
+                f"asgi_dbpool: connection budget exceeded {through} > PgBouncer's pool of {bouncer}: in session "
+                "pooling each client connection holds a server connection, so checkouts beyond it wait in "
+                "PgBouncer (query_wait_timeout); use transaction pooling or lower DB_POOL_SIZE / DB_MAX_OVERFLOW",
+            )
+        else:
+            line = (
+                logging.INFO,
+                f"asgi_dbpool: connection budget {through} share PgBouncer's pool of {bouncer} server connections "
+                f"<= {limit}",
+            )
+        lines.append(line)
     return lines
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from . import _otel, _shutdown, _startup
+from ._advice import Topology, workers_from_env
 from ._checkout import Unit, current_unit
 from ._connections import (
     POOL_EXHAUSTED,
@@ -22,7 +23,7 @@ from ._connections import (
 from ._guard import mark_shutting_down
 from ._lifespan import InnerLifespan
 from ._monitor import PoolMonitor
-from ._registry import name_engines, tracker_for
+from ._registry import PGBOUNCER_MODES, name_engines, tracker_for
 from ._stats import PoolStatsApp, route_path
 from ._tracker import PoolTracker
 from ._types import STATE_KEY, ASGIApp, Receive, Scope, Send
@@ -56,6 +57,9 @@ class DBPoolMiddleware:
         install_log_filter: bool = True,
         leak_threshold: float | None = None,
         workers: int | None = None,
+        hosts: int = 1,
+        pgbouncer: str | None = None,
+        pgbouncer_pool_size: int | None = None,
         retry_after: int = 1,
         max_pending: int | None = None,
     ) -> None:
@@ -69,10 +73,17 @@ class DBPoolMiddleware:
                 raise ValueError(f"asgi_dbpool: {option}={value!r} must be a positive number of seconds.")
         if leak_threshold is not None and not (isinstance(leak_threshold, int | float) and leak_threshold > 0):
             raise ValueError(f"asgi_dbpool: leak_threshold={leak_threshold!r} must be a positive number or None.")
-        if workers is not None and not (isinstance(workers, int) and workers > 0):
-            raise ValueError(f"asgi_dbpool: workers={workers!r} must be a positive whole number or None.")
-        if max_pending is not None and not (isinstance(max_pending, int) and max_pending > 0):
-            raise ValueError(f"asgi_dbpool: max_pending={max_pending!r} must be a positive whole number or None.")
+        for option, count in (
+            ("workers", workers),
+            ("pgbouncer_pool_size", pgbouncer_pool_size),
+            ("max_pending", max_pending),
+        ):
+            if count is not None and not (isinstance(count, int) and count > 0):
+                raise ValueError(f"asgi_dbpool: {option}={count!r} must be a positive whole number or None.")
+        if not (isinstance(hosts, int) and hosts > 0):
+            raise ValueError(f"asgi_dbpool: hosts={hosts!r} must be a positive whole number.")
+        if pgbouncer not in (None, "off", "session", "transaction"):
+            raise ValueError(f"asgi_dbpool: pgbouncer={pgbouncer!r} must be 'off', 'session', 'transaction' or None.")
         if not (isinstance(retry_after, int) and retry_after >= 0):
             raise ValueError(f"asgi_dbpool: retry_after={retry_after!r} must be a whole number of seconds (>= 0).")
         self.retry_after = retry_after
@@ -88,7 +99,9 @@ class DBPoolMiddleware:
         self.trackers = [tracker_for(eng, name) for name, eng in named.items()]
         self.sync_trackers = [tracker_for(eng, f"sync:{i}") for i, eng in enumerate(sync_engines)]
         self.leak_threshold = leak_threshold
-        self.workers = workers
+        # The budget check's multipliers; WEB_CONCURRENCY is read now, so a malformed value fails at construction.
+        self.topology = Topology(workers or workers_from_env(), hosts, pgbouncer_pool_size)
+        self.pgbouncer = pgbouncer  # None: what PoolSettings.create_async_engine() recorded for each engine
         for tracker in self.all_trackers():
             tracker.leak_threshold = leak_threshold
             tracker.max_pending = max_pending
@@ -124,6 +137,10 @@ class DBPoolMiddleware:
 
     def all_trackers(self) -> list[PoolTracker]:
         return [*self.trackers, *self.sync_trackers]
+
+    def pgbouncer_mode(self, tracker: PoolTracker) -> str:
+        """``off``, ``session`` or ``transaction``: the option, else what ``PoolSettings`` recorded for the engine."""
+        return self.pgbouncer or PGBOUNCER_MODES.get(tracker.engine, "off")
 
     # -- ASGI --------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 
 
 _registry: weakref.WeakKeyDictionary[Engine, PoolTracker] = weakref.WeakKeyDictionary()
+#: The PgBouncer pooling mode of engines built by ``PoolSettings.create_async_engine`` with ``pgbouncer`` set.
+PGBOUNCER_MODES: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
 
 
 def tracker_for(engine: Engine | AsyncEngine, name: str) -> PoolTracker:

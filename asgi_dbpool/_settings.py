@@ -37,9 +37,13 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "retry_after": 1,
     "max_pending": 0,
     "pgbouncer": "off",
+    "pgbouncer_pool_size": 0,
+    "workers": 0,
+    "hosts": 1,
 }
 
 MAX_CONNECTIONS = 10_000  # no PostgreSQL server takes more from one process
+MAX_WORKERS = 1_000
 MAX_SECONDS = 7 * 24 * 3600.0
 _PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -112,6 +116,11 @@ def _pgbouncer(name: str, raw: str) -> str:
     return text
 
 
+def workers_value(name: str, raw: str) -> int:
+    """``WEB_CONCURRENCY`` (the worker count uvicorn and gunicorn read too): a whole number from 1."""
+    return _int(name, raw, minimum=1, maximum=MAX_WORKERS)
+
+
 def _environment(raw: str) -> str:
     text = raw.strip().lower()
     if not text or not all(ch.isalnum() or ch in "-_." for ch in text) or len(text) > 64:
@@ -134,6 +143,9 @@ class PoolSettings:
     retry_after: int = 1  # the Retry-After of a 503 for an exhausted pool
     max_pending: int = 0  # fail a checkout at once when this many tasks already wait; 0 turns it off
     pgbouncer: str = "off"  # "transaction" when PgBouncer runs in transaction pooling mode in front
+    pgbouncer_pool_size: int = 0  # PgBouncer's server connections for this database/user; 0 = not known
+    workers: int = 0  # worker processes per host (WEB_CONCURRENCY), for the budget check; 0 = read it at startup
+    hosts: int = 1  # hosts running this app against the same database, for the budget check
     async_database_url: str | None = None
     database_url: str | None = None
 
@@ -148,6 +160,9 @@ class PoolSettings:
         _int("retry_after", str(self.retry_after), minimum=0, maximum=3600)
         _int("max_pending", str(self.max_pending), minimum=0)
         _pgbouncer("pgbouncer", self.pgbouncer)
+        _int("pgbouncer_pool_size", str(self.pgbouncer_pool_size), minimum=0)
+        _int("workers", str(self.workers), minimum=0, maximum=MAX_WORKERS)
+        _int("hosts", str(self.hosts), minimum=1, maximum=MAX_WORKERS)
         if self.async_database_url is not None:
             _url("async_database_url", self.async_database_url, _ASYNC_DRIVERS)
         if self.database_url is not None:
@@ -181,6 +196,9 @@ class PoolSettings:
             "DB_POOL_RETRY_AFTER": ("retry_after", lambda n, v: _int(n, v, minimum=0, maximum=3600)),
             "DB_POOL_MAX_PENDING": ("max_pending", lambda n, v: _int(n, v, minimum=0)),
             "DB_PGBOUNCER": ("pgbouncer", _pgbouncer),
+            "DB_PGBOUNCER_POOL_SIZE": ("pgbouncer_pool_size", lambda n, v: _int(n, v, minimum=0)),
+            "WEB_CONCURRENCY": ("workers", workers_value),
+            "DB_HOSTS": ("hosts", lambda n, v: _int(n, v, minimum=1, maximum=MAX_WORKERS)),
             "ASYNC_DATABASE_URL": ("async_database_url", lambda n, v: _url(n, v, _ASYNC_DRIVERS)),
             "DATABASE_URL": ("database_url", lambda n, v: _url(n, v, _ASYNC_DRIVERS | _SYNC_DRIVERS)),
         }
@@ -195,6 +213,10 @@ class PoolSettings:
             "leak_threshold": self.leak_threshold or None,
             "retry_after": self.retry_after,
             "max_pending": self.max_pending or None,
+            "workers": self.workers or None,
+            "hosts": self.hosts,
+            "pgbouncer": self.pgbouncer,
+            "pgbouncer_pool_size": self.pgbouncer_pool_size or None,
         }
 
     def engine_options(self) -> dict[str, Any]:
@@ -231,7 +253,12 @@ class PoolSettings:
             target = target.update_query_dict({"prepared_statement_cache_size": "0"})
             connect_args.setdefault("statement_cache_size", 0)
             connect_args.setdefault("prepared_statement_name_func", _unique_statement_name)
-        return create_async_engine(target, **{**self.engine_options(), "connect_args": connect_args, **kwargs})
+        engine = create_async_engine(target, **{**self.engine_options(), "connect_args": connect_args, **kwargs})
+        if self.pgbouncer != "off":
+            from ._registry import PGBOUNCER_MODES
+
+            PGBOUNCER_MODES[engine.sync_engine] = self.pgbouncer  # the middleware's budget check reads it
+        return engine
 
     def create_sync_engine(self, url: str | URL | None = None, **kwargs: Any) -> Engine:
         """Build the legacy (deprecated) sync engine from ``DATABASE_URL``; prefer the async engine."""

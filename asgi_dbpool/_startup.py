@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 
 from . import _logfilter
-from ._advice import budget_warnings, read_server, workers_from_env
+from ._advice import budget_lines, read_server
 from ._guard import clear_shutting_down
 from ._lifespan import one_line
 from ._monitor import check_leaks
@@ -60,8 +60,8 @@ async def check_budget(mw: DBPoolMiddleware) -> None:
                 tracker.name,
                 one_line(exc),
             )
-    for line in budget_warnings(mw.trackers, mw.workers or workers_from_env()):
-        logger.warning(line)
+    for level, line in budget_lines(mw.trackers, mw.topology, mw.pgbouncer_mode):
+        logger.log(level, line)
 
 
 async def watch_leaks(mw: DBPoolMiddleware) -> None:

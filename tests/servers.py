@@ -89,6 +89,7 @@ class Run:
     wrapped: bool
     database_url: str
     log_path: Path
+    direct_url: str | None = None  # the PostgreSQL the checks read, when database_url is a PgBouncer's
     name: str = dataclasses.field(default_factory=lambda: f"m_{uuid.uuid4().hex[:10]}")
     port: int = dataclasses.field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -96,6 +97,10 @@ class Run:
     writes: dict[str, Any] = dataclasses.field(default_factory=dict)  # token -> status or error
     ids: dict[str, int] = dataclasses.field(default_factory=dict)  # token -> id answered with 200
     slow: Any = None
+
+    @property
+    def check_url(self) -> str:
+        return self.direct_url or self.database_url
 
     @property
     def base(self) -> str:
@@ -113,6 +118,18 @@ class Run:
         with self.log_path.open("wb") as out:
             self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
+    async def wait_workers(self, count: int = 4) -> None:
+        """Every worker finished its startup (the port answers as soon as one has)."""
+        assert self.proc is not None
+        for _ in range(600):
+            output = self.output()
+            if output.count("engine(s) reachable; pool monitor started") == count:
+                return
+            if self.proc.poll() is not None or "Application startup failed" in output:
+                break
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"not every worker started:\n{self.output()}")
+
     async def wait_up(self) -> None:
         assert self.proc is not None
         async with httpx.AsyncClient(base_url=self.base) as client:
@@ -128,7 +145,7 @@ class Run:
         raise AssertionError(f"server did not come up:\n{self.output()}")
 
     async def active_sleeps(self) -> int:
-        conn = await asyncpg.connect(asyncpg_dsn(self.database_url))
+        conn = await asyncpg.connect(asyncpg_dsn(self.check_url))
         try:
             return int(
                 await conn.fetchval(
@@ -163,7 +180,7 @@ class Run:
         return found + [m.group(0) for m in NOISY_LOGGERS.finditer(text)]
 
     async def stored(self) -> dict[str, int]:
-        conn = await asyncpg.connect(asyncpg_dsn(self.database_url))
+        conn = await asyncpg.connect(asyncpg_dsn(self.check_url))
         try:
             rows = await conn.fetch("SELECT token, id FROM matrix_writes WHERE run = $1", self.name)
             return {row["token"]: row["id"] for row in rows}
@@ -171,7 +188,7 @@ class Run:
             await conn.close()
 
     async def backends_left(self) -> int:
-        return await wait_for_no_backends(self.database_url, self.name)
+        return await wait_for_no_backends(self.check_url, self.name)
 
     def unclean(self) -> list[str]:
         return unclean_disconnects([self.name])

@@ -67,6 +67,26 @@ def test_variables_override_the_profile() -> None:
     }
 
 
+def test_middleware_options_carry_the_budget_topology() -> None:
+    env = {"WEB_CONCURRENCY": "4", "DB_HOSTS": "3", "DB_PGBOUNCER": "transaction", "DB_PGBOUNCER_POOL_SIZE": "40"}
+    assert PoolSettings.from_env(env).middleware_options() == {
+        "leak_threshold": None,
+        "retry_after": 1,
+        "max_pending": None,
+        "workers": 4,
+        "hosts": 3,
+        "pgbouncer": "transaction",
+        "pgbouncer_pool_size": 40,
+    }
+    unset = PoolSettings.from_env({}).middleware_options()
+    assert (unset["workers"], unset["hosts"], unset["pgbouncer"], unset["pgbouncer_pool_size"]) == (
+        None,
+        1,
+        "off",
+        None,
+    )
+
+
 @pytest.mark.parametrize("spelling", ["1", "true", "TRUE", "yes", "on", " True "])
 def test_true_spellings(spelling: str) -> None:
     assert PoolSettings.from_env({"DB_POOL_PRE_PING": spelling}).pool_pre_ping is True
@@ -100,6 +120,10 @@ BAD = [
     ("ASYNC_DATABASE_URL", "mysql+aiomysql://u:p@h/db", "unsupported scheme 'mysql+aiomysql'"),
     ("ASYNC_DATABASE_URL", "not a url", "is not a database URL"),
     ("DATABASE_URL", "sqlite:///x.db", "unsupported scheme 'sqlite'"),
+    ("WEB_CONCURRENCY", "four", "is not a whole number"),
+    ("WEB_CONCURRENCY", "0", "is out of range"),
+    ("DB_HOSTS", "0", "is out of range"),
+    ("DB_PGBOUNCER_POOL_SIZE", "-1", "is out of range"),
 ]
 
 
@@ -139,6 +163,10 @@ def test_typed_construction_is_validated_too() -> None:
             "ENVIRONMENT",
             "ASYNC_DATABASE_URL",
             "DATABASE_URL",
+            "WEB_CONCURRENCY",
+            "DB_HOSTS",
+            "DB_PGBOUNCER",
+            "DB_PGBOUNCER_POOL_SIZE",
         ]
     ),
     value=st.text(),

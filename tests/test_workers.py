@@ -8,7 +8,6 @@ a connection now count as holders (see ``asgi_dbpool._acquire``)."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from pathlib import Path
 
@@ -25,12 +24,7 @@ async def test_workers_shut_down_clean(server: str, database_url: str, tmp_path:
     run = Run(server=server, wrapped=True, database_url=database_url, log_path=tmp_path / f"{server}.log")
     run.start(graceful=10)
     await run.wait_up()
-    for _ in range(600):  # every worker has finished its startup (the port answers as soon as one has)
-        if run.output().count("engine(s) reachable; pool monitor started") == 4:
-            break
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError(run.output())
+    await run.wait_workers(4)
     await drive(run, [(0.0, signal.SIGTERM)], write_seconds=0.3)
     output = run.output()
     assert run.exit_code == NORMAL_EXIT[server], output

@@ -15,25 +15,24 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from asgi_dbpool import DBPoolMiddleware
+from asgi_dbpool import DBPoolMiddleware, PoolSettings
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s [%(process)d]: %(message)s")
 logging.captureWarnings(True)
 
 RUN = os.environ.get("MATRIX_APP_NAME", "matrix")
-engine = create_async_engine(
-    os.environ["ASGI_DBPOOL_TEST_DATABASE_URL"],
-    pool_size=20,
-    max_overflow=10,
-    pool_pre_ping=True,
-    connect_args={"server_settings": {"application_name": RUN}},
+# DB_PGBOUNCER=transaction when the URL is a PgBouncer's (the PgBouncer workers test; "off" is its control).
+settings = PoolSettings(pool_size=20, max_overflow=10, pgbouncer=os.environ.get("DB_PGBOUNCER", "off"))
+engine = settings.create_async_engine(
+    os.environ["ASGI_DBPOOL_TEST_DATABASE_URL"], connect_args={"server_settings": {"application_name": RUN}}
 )
 maker = async_sessionmaker(engine, expire_on_commit=False)
 leaked: list[AsyncSession] = []
@@ -80,6 +79,17 @@ async def read(request: Request) -> JSONResponse:
         return JSONResponse({"value": (await session.execute(text("SELECT 7"))).scalar_one()})
 
 
+async def add(request: Request) -> JSONResponse:
+    """A parameterised query (a prepared statement): 200 with the sum, or 500 with the driver's error."""
+    a, b = int(request.query_params["a"]), int(request.query_params["b"])
+    try:
+        async with maker() as session:
+            value = (await session.execute(text("SELECT CAST(:a AS int) + CAST(:b AS int)"), {"a": a, "b": b})).scalar()
+    except DBAPIError as exc:
+        return JSONResponse({"error": str(exc.orig)}, status_code=500)
+    return JSONResponse({"sum": value})
+
+
 async def slow(request: Request) -> JSONResponse:
     async with maker() as session:
         await session.execute(text("SELECT pg_sleep(0.6)"))
@@ -114,6 +124,7 @@ routes = [
     Route("/write", write, methods=["POST"]),
     Route("/slow", slow),
     Route("/read", read),
+    Route("/add", add),
     Route("/leak", leak),
     WebSocketRoute("/ws", ws),
 ]
