@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import re
 import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import URL, make_url
+
+from ._parse import (
+    ASYNC_DRIVERS,
+    MAX_SECONDS,
+    MAX_WORKERS,
+    SYNC_DRIVERS,
+    ConfigError,
+    boolean,
+    environment_name,
+    mask_url,
+    pgbouncer_mode,
+    seconds,
+    url_value,
+    whole,
+    workers_value,
+)
+
+__all__ = ["ConfigError", "PoolSettings", "mask_url", "workers_value"]
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -19,10 +35,6 @@ if TYPE_CHECKING:
 
 def _unique_statement_name() -> str:
     return f"__asyncpg_{uuid.uuid4().hex}__"
-
-
-class ConfigError(ValueError):
-    """A setting has a value asgi_dbpool cannot use; the message names the variable and the value."""
 
 
 #: (production, development) defaults, from the problem report's table.
@@ -41,91 +53,6 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "workers": 0,
     "hosts": 1,
 }
-
-MAX_CONNECTIONS = 10_000  # no PostgreSQL server takes more from one process
-MAX_WORKERS = 1_000
-MAX_SECONDS = 7 * 24 * 3600.0
-_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off"})
-_ASYNC_DRIVERS = frozenset({"postgresql", "postgres", "postgresql+asyncpg"})
-_SYNC_DRIVERS = frozenset({"postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg", "postgresql+pg8000"})
-
-
-def mask_url(url: str | URL) -> str:
-    """Render a database URL with its password hidden (``***``); unparsable input is not echoed."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # make_url raises several types for malformed input
-        return _PASSWORD.sub(r"\1***@", str(url))
-
-
-def _int(name: str, raw: str, *, minimum: int, maximum: int = MAX_CONNECTIONS) -> int:
-    text = raw.strip()
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise ConfigError(
-            f"{name}={raw!r} is not a whole number; set it to an integer from {minimum} to {maximum}."
-        ) from None
-    if not minimum <= value <= maximum:
-        raise ConfigError(f"{name}={raw!r} is out of range; set it to an integer from {minimum} to {maximum}.")
-    return value
-
-
-def _seconds(name: str, raw: str, *, allow_zero: bool) -> float:
-    text = raw.strip()
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number of seconds; set it to e.g. 30 or 2.5.") from None
-    low = 0.0 if allow_zero else math.ulp(0.0)
-    if not (math.isfinite(value) and low <= value <= MAX_SECONDS):
-        bound = "0 (off)" if allow_zero else "a positive number"
-        raise ConfigError(f"{name}={raw!r} is out of range; set it to {bound} up to {MAX_SECONDS:g} seconds.")
-    return value
-
-
-def _bool(name: str, raw: str) -> bool:
-    text = raw.strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ConfigError(f"{name}={raw!r} is not a boolean; use true/false, 1/0, yes/no or on/off.")
-
-
-def _url(name: str, raw: str, drivers: frozenset[str]) -> str:
-    try:
-        url = make_url(raw.strip())
-    except Exception as exc:  # make_url raises several types for malformed input
-        raise ConfigError(
-            f"{name}={mask_url(raw)!r} is not a database URL; use postgresql+asyncpg://user:pass@host/db."
-        ) from exc
-    if url.drivername not in drivers:
-        raise ConfigError(
-            f"{name}={mask_url(url)!r} uses the unsupported scheme {url.drivername!r}; use one of {sorted(drivers)}."
-        )
-    return raw.strip()
-
-
-def _pgbouncer(name: str, raw: str) -> str:
-    text = raw.strip().lower()
-    if text not in ("off", "session", "transaction"):
-        raise ConfigError(f"{name}={raw!r} is not a PgBouncer pooling mode; use off, session or transaction.")
-    return text
-
-
-def workers_value(name: str, raw: str) -> int:
-    """``WEB_CONCURRENCY`` (the worker count uvicorn and gunicorn read too): a whole number from 1."""
-    return _int(name, raw, minimum=1, maximum=MAX_WORKERS)
-
-
-def _environment(raw: str) -> str:
-    text = raw.strip().lower()
-    if not text or not all(ch.isalnum() or ch in "-_." for ch in text) or len(text) > 64:
-        raise ConfigError(f"ENVIRONMENT={raw!r} is not an environment name; use e.g. production or development.")
-    return text
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -151,22 +78,22 @@ class PoolSettings:
 
     def __post_init__(self) -> None:
         # Re-validate typed values through the same parsers the environment goes through.
-        _int("pool_size", str(self.pool_size), minimum=1)
-        _int("max_overflow", str(self.max_overflow), minimum=0)
-        _int("pool_recycle", str(self.pool_recycle), minimum=0, maximum=int(MAX_SECONDS))
-        _seconds("pool_timeout", str(self.pool_timeout), allow_zero=False)
-        _seconds("query_timeout", str(self.query_timeout), allow_zero=True)
-        _seconds("leak_threshold", str(self.leak_threshold), allow_zero=True)
-        _int("retry_after", str(self.retry_after), minimum=0, maximum=3600)
-        _int("max_pending", str(self.max_pending), minimum=0)
-        _pgbouncer("pgbouncer", self.pgbouncer)
-        _int("pgbouncer_pool_size", str(self.pgbouncer_pool_size), minimum=0)
-        _int("workers", str(self.workers), minimum=0, maximum=MAX_WORKERS)
-        _int("hosts", str(self.hosts), minimum=1, maximum=MAX_WORKERS)
+        whole("pool_size", str(self.pool_size), minimum=1)
+        whole("max_overflow", str(self.max_overflow), minimum=0)
+        whole("pool_recycle", str(self.pool_recycle), minimum=0, maximum=int(MAX_SECONDS))
+        seconds("pool_timeout", str(self.pool_timeout), allow_zero=False)
+        seconds("query_timeout", str(self.query_timeout), allow_zero=True)
+        seconds("leak_threshold", str(self.leak_threshold), allow_zero=True)
+        whole("retry_after", str(self.retry_after), minimum=0, maximum=3600)
+        whole("max_pending", str(self.max_pending), minimum=0)
+        pgbouncer_mode("pgbouncer", self.pgbouncer)
+        whole("pgbouncer_pool_size", str(self.pgbouncer_pool_size), minimum=0)
+        whole("workers", str(self.workers), minimum=0, maximum=MAX_WORKERS)
+        whole("hosts", str(self.hosts), minimum=1, maximum=MAX_WORKERS)
         if self.async_database_url is not None:
-            _url("async_database_url", self.async_database_url, _ASYNC_DRIVERS)
+            url_value("async_database_url", self.async_database_url, ASYNC_DRIVERS)
         if self.database_url is not None:
-            _url("database_url", self.database_url, _ASYNC_DRIVERS | _SYNC_DRIVERS)
+            url_value("database_url", self.database_url, ASYNC_DRIVERS | SYNC_DRIVERS)
 
     @property
     def is_production(self) -> bool:
@@ -180,27 +107,27 @@ class PoolSettings:
         name for development); a set but malformed one raises :class:`ConfigError`.
         """
         env = os.environ if environ is None else environ
-        environment = _environment(env["ENVIRONMENT"]) if "ENVIRONMENT" in env else "development"
+        environment = environment_name(env["ENVIRONMENT"]) if "ENVIRONMENT" in env else "development"
         values: dict[str, Any] = {
             **COMMON_DEFAULTS,
             **PROFILES["production" if environment == "production" else "development"],
         }
         readers: dict[str, tuple[str, Callable[[str, str], Any]]] = {
-            "DB_POOL_SIZE": ("pool_size", lambda n, v: _int(n, v, minimum=1)),
-            "DB_MAX_OVERFLOW": ("max_overflow", lambda n, v: _int(n, v, minimum=0)),
-            "DB_POOL_TIMEOUT": ("pool_timeout", lambda n, v: _seconds(n, v, allow_zero=False)),
-            "DB_POOL_RECYCLE": ("pool_recycle", lambda n, v: _int(n, v, minimum=0, maximum=int(MAX_SECONDS))),
-            "DB_POOL_PRE_PING": ("pool_pre_ping", _bool),
-            "DB_QUERY_TIMEOUT": ("query_timeout", lambda n, v: _seconds(n, v, allow_zero=True)),
-            "DB_POOL_LEAK_THRESHOLD": ("leak_threshold", lambda n, v: _seconds(n, v, allow_zero=True)),
-            "DB_POOL_RETRY_AFTER": ("retry_after", lambda n, v: _int(n, v, minimum=0, maximum=3600)),
-            "DB_POOL_MAX_PENDING": ("max_pending", lambda n, v: _int(n, v, minimum=0)),
-            "DB_PGBOUNCER": ("pgbouncer", _pgbouncer),
-            "DB_PGBOUNCER_POOL_SIZE": ("pgbouncer_pool_size", lambda n, v: _int(n, v, minimum=0)),
+            "DB_POOL_SIZE": ("pool_size", lambda n, v: whole(n, v, minimum=1)),
+            "DB_MAX_OVERFLOW": ("max_overflow", lambda n, v: whole(n, v, minimum=0)),
+            "DB_POOL_TIMEOUT": ("pool_timeout", lambda n, v: seconds(n, v, allow_zero=False)),
+            "DB_POOL_RECYCLE": ("pool_recycle", lambda n, v: whole(n, v, minimum=0, maximum=int(MAX_SECONDS))),
+            "DB_POOL_PRE_PING": ("pool_pre_ping", boolean),
+            "DB_QUERY_TIMEOUT": ("query_timeout", lambda n, v: seconds(n, v, allow_zero=True)),
+            "DB_POOL_LEAK_THRESHOLD": ("leak_threshold", lambda n, v: seconds(n, v, allow_zero=True)),
+            "DB_POOL_RETRY_AFTER": ("retry_after", lambda n, v: whole(n, v, minimum=0, maximum=3600)),
+            "DB_POOL_MAX_PENDING": ("max_pending", lambda n, v: whole(n, v, minimum=0)),
+            "DB_PGBOUNCER": ("pgbouncer", pgbouncer_mode),
+            "DB_PGBOUNCER_POOL_SIZE": ("pgbouncer_pool_size", lambda n, v: whole(n, v, minimum=0)),
             "WEB_CONCURRENCY": ("workers", workers_value),
-            "DB_HOSTS": ("hosts", lambda n, v: _int(n, v, minimum=1, maximum=MAX_WORKERS)),
-            "ASYNC_DATABASE_URL": ("async_database_url", lambda n, v: _url(n, v, _ASYNC_DRIVERS)),
-            "DATABASE_URL": ("database_url", lambda n, v: _url(n, v, _ASYNC_DRIVERS | _SYNC_DRIVERS)),
+            "DB_HOSTS": ("hosts", lambda n, v: whole(n, v, minimum=1, maximum=MAX_WORKERS)),
+            "ASYNC_DATABASE_URL": ("async_database_url", lambda n, v: url_value(n, v, ASYNC_DRIVERS)),
+            "DATABASE_URL": ("database_url", lambda n, v: url_value(n, v, ASYNC_DRIVERS | SYNC_DRIVERS)),
         }
         for variable, (field, read) in readers.items():
             if variable in env:
@@ -270,7 +197,7 @@ class PoolSettings:
         target = make_url(raw)
         if target.drivername == "postgres":  # Heroku-style alias SQLAlchemy no longer accepts
             target = target.set(drivername="postgresql")
-        if target.drivername in _ASYNC_DRIVERS - {"postgresql", "postgres"}:
+        if target.drivername in ASYNC_DRIVERS - {"postgresql", "postgres"}:
             raise ConfigError(f"DATABASE_URL={mask_url(target)!r} names an async driver; use postgresql+psycopg2://...")
         connect_args: dict[str, Any] = dict(kwargs.pop("connect_args", {}))
         if self.query_timeout and target.get_backend_name() == "postgresql" and target.get_driver_name() == "psycopg2":
