@@ -58,6 +58,23 @@ def server_command(server: str, target: str, port: int, graceful: float) -> list
             "--graceful-timeout",
             str(int(graceful)),
         ]
+    if server == "granian-workers":
+        return [*server_command("granian", target, port, graceful), "--workers", "4"]
+    if server == "granian":
+        return [
+            sys.executable,
+            "-m",
+            "granian",
+            "--interface",
+            "asgi",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers-kill-timeout",
+            str(max(int(graceful), 1)),
+            spec,
+        ]
     if server == "uvicorn":
         return [
             sys.executable,

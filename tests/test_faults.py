@@ -45,7 +45,7 @@ def private_db(tmp_path: Path) -> Iterator[PrivateDatabase]:
     db.stop()
 
 
-@pytest.mark.parametrize(("server", "exit_code"), [("uvicorn", 3), ("hypercorn", 0)])
+@pytest.mark.parametrize(("server", "exit_code"), [("uvicorn", 3), ("hypercorn", 0), ("granian", 1)])
 async def test_database_down_at_startup(server: str, exit_code: int, tmp_path: Path) -> None:
     """One readable line naming the database, password masked; each server's own exit status (README)."""
     url = "postgresql+asyncpg://app:s3cret@127.0.0.1:1/appdb"
@@ -61,7 +61,7 @@ async def test_database_down_at_startup(server: str, exit_code: int, tmp_path: P
     )
     assert line in output
     assert "s3cret" not in output
-    if server == "uvicorn":
+    if server in ("uvicorn", "granian"):
         assert "Traceback" not in output
         assert output.count("cannot reach database") == 1
     else:  # hypercorn prints its own LifespanFailureError traceback, carrying our line

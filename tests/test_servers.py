@@ -1,8 +1,12 @@
-"""The shutdown matrix: real uvicorn and hypercorn processes, real signals, real PostgreSQL.
+"""The shutdown matrix: real uvicorn, hypercorn and granian processes, real signals, real PostgreSQL.
 
 For each server and signal case the wrapped app must shut down with no noise, nothing lost, a clean
 database side and a normal exit; the same case without the middleware (the control) must show at least
 one of those problems, or the matrix would prove nothing.
+
+granian has no graceful timeout for requests: its ``--workers-kill-timeout`` SIGKILLs a worker that has not
+stopped in time, before the lifespan shutdown ever runs. That case is not a clean one for any in-process
+library; ``test_granian_kill_timeout_skips_the_shutdown`` pins down what happens (the README says it too).
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ NORMAL_EXIT = {
 }
 #: The cases in which the server itself cancels requests (so 503 answers are the expected outcome).
 CUTS_REQUESTS = {("uvicorn", "double-sigint"), ("uvicorn", "graceful-timeout"), ("hypercorn", "graceful-timeout")}
+SERVERS = ["uvicorn", "hypercorn", "granian"]
+#: (server, case) pairs no in-process code can make clean: the server kills the process without a shutdown.
+KILLS_THE_WORKER = {("granian", "graceful-timeout")}
+CLEAN_CASES = [(server, case) for server in SERVERS for case in CASES if (server, case) not in KILLS_THE_WORKER]
 
 
 async def run_case(server: str, case: str, wrapped: bool, database_url: str, tmp_path: Path) -> Run:
@@ -43,8 +51,7 @@ async def run_case(server: str, case: str, wrapped: bool, database_url: str, tmp
     return run
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+@pytest.mark.parametrize(("server", "case"), CLEAN_CASES)
 async def test_wrapped_app_shuts_down_clean(server: str, case: str, database_url: str, tmp_path: Path) -> None:
     run = await run_case(server, case, True, database_url, tmp_path)
     output = run.output()
@@ -71,7 +78,7 @@ async def test_wrapped_app_shuts_down_clean(server: str, case: str, database_url
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+@pytest.mark.parametrize("server", SERVERS)
 async def test_control_without_the_middleware_shows_a_problem(
     server: str, case: str, database_url: str, tmp_path: Path
 ) -> None:
@@ -85,3 +92,20 @@ async def test_control_without_the_middleware_shows_a_problem(
         "lost writes": {t: i for t, i in run.ids.items() if stored.get(t) != i},
     }
     assert any(problems.values()), problems
+
+
+async def test_granian_kill_timeout_skips_the_shutdown(database_url: str, tmp_path: Path) -> None:
+    """granian waits for in-flight requests before lifespan.shutdown, with no timeout of its own; past
+    ``--workers-kill-timeout`` it SIGKILLs the worker. No shutdown step runs, so the guarantees cannot hold:
+    requests are cut (never acknowledged, so no acknowledged write is lost) and PostgreSQL sees vanished clients.
+    Set the kill timeout above the longest request plus ``shutdown_timeout``, or leave it off (granian's default).
+    """
+    run = await run_case("granian", "graceful-timeout", True, database_url, tmp_path)
+    output = run.output()
+    assert "[WARNING] Killing worker-1 after it refused to gracefully stop" in output
+    assert "asgi_dbpool: shutdown flag set" not in output  # the lifespan shutdown never started
+    assert run.exit_code == 0
+    assert run.ids == {}  # no write was acknowledged...
+    assert set(run.writes.values()) == {"RemoteProtocolError"}  # ...each connection was dropped
+    assert not set(await run.stored())  # and none was committed
+    assert run.unclean() != []

@@ -1,5 +1,6 @@
-"""Many workers: ``uvicorn --workers 4`` and gunicorn with uvicorn's worker class; SIGTERM to the master
-mid-traffic, and every worker shuts down clean (no noise, nothing lost, nothing left on the database).
+"""Many workers: ``uvicorn --workers 4``, ``granian --workers 4`` and gunicorn with uvicorn's worker class;
+SIGTERM to the master mid-traffic, and every worker shuts down clean (no noise, nothing lost, nothing left on
+the database).
 
 Under load (two of these runs side by side) this used to fail about one run in three: a worker's poller,
 asleep when shutdown looked for connection holders, woke up, took a pooled connection and was pre-pinging it
@@ -16,10 +17,10 @@ import pytest
 from tests.servers import Run, drive
 
 pytestmark = [pytest.mark.anyio, pytest.mark.servers]
-NORMAL_EXIT = {"gunicorn": 0, "uvicorn-workers": 0}
+NORMAL_EXIT = {"gunicorn": 0, "uvicorn-workers": 0, "granian-workers": 0}
 
 
-@pytest.mark.parametrize("server", ["gunicorn", "uvicorn-workers"])
+@pytest.mark.parametrize("server", ["gunicorn", "uvicorn-workers", "granian-workers"])
 async def test_workers_shut_down_clean(server: str, database_url: str, tmp_path: Path) -> None:
     run = Run(server=server, wrapped=True, database_url=database_url, log_path=tmp_path / f"{server}.log")
     run.start(graceful=10)
