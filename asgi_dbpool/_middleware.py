@@ -99,12 +99,12 @@ class DBPoolMiddleware:
         self.trackers = [tracker_for(eng, name) for name, eng in named.items()]
         self.sync_trackers = [tracker_for(eng, f"sync:{i}") for i, eng in enumerate(sync_engines)]
         self.leak_threshold = leak_threshold
+        self.max_pending = max_pending
         # The budget check's multipliers; WEB_CONCURRENCY is read now, so a malformed value fails at construction.
         self.topology = Topology(workers or workers_from_env(), hosts, pgbouncer_pool_size)
         self.pgbouncer = pgbouncer  # None: what PoolSettings.create_async_engine() recorded for each engine
-        for tracker in self.all_trackers():
-            tracker.leak_threshold = leak_threshold
-            tracker.max_pending = max_pending
+        self.running = False  # between a successful startup and the end of shutdown
+        _startup.claim(self, strict=False)
         self.opentelemetry = _otel.enroll(self.all_trackers())
         self.sessionmakers = {name: async_sessionmaker(eng, expire_on_commit=False) for name, eng in named.items()}
         self.shutdown_timeout = float(shutdown_timeout)

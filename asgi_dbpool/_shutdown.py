@@ -132,6 +132,7 @@ async def close_engines(mw: DBPoolMiddleware, budget: Budget) -> None:
     Checkouts are refused first: a task that is not holding a connection at the moment of the scan must not
     take one from the pool while it is being disposed (its query would be cut when the process exits).
     """
+    mw.running = False
     me = asyncio.current_task()
     trackers = mw.all_trackers()
     for tracker in trackers:

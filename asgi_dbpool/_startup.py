@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
@@ -26,7 +27,31 @@ class StartupError(RuntimeError):
     """A database could not be reached at startup (the message is the one line the server shows)."""
 
 
+def claim(mw: DBPoolMiddleware, *, strict: bool) -> None:
+    """Make ``mw`` the owner of its engines' trackers, so its pool options (leak threshold, max_pending) apply.
+
+    One engine has one owner at a time: a second middleware *running* on it would apply its own options and
+    dispose the engine under the first at its shutdown. ``strict`` (at startup) refuses that; at construction a
+    running owner keeps its options until this middleware starts.
+    """
+    for tracker in mw.all_trackers():
+        owner = tracker.owner() if tracker.owner is not None else None
+        if owner is not None and owner is not mw and owner.running:
+            if not strict:
+                return
+            raise StartupError(
+                f"asgi_dbpool: engine {tracker.name!r} at {mask_url(tracker.engine.url)} is already managed by "
+                "another running DBPoolMiddleware; wrap the app once (one middleware per engine) or give each app "
+                "its own engine"
+            )
+    for tracker in mw.all_trackers():
+        tracker.owner = weakref.ref(mw)
+        tracker.leak_threshold = mw.leak_threshold
+        tracker.max_pending = mw.max_pending
+
+
 async def startup(mw: DBPoolMiddleware) -> None:
+    claim(mw, strict=True)
     clear_shutting_down()
     mw.shutting_down = False
     for tracker in mw.all_trackers():
@@ -47,6 +72,7 @@ async def startup(mw: DBPoolMiddleware) -> None:
     mw._monitor_task = asyncio.create_task(mw.monitor.run(), name="asgi_dbpool: pool monitor")
     if mw.leak_threshold is not None:
         mw._leak_task = asyncio.create_task(watch_leaks(mw), name="asgi_dbpool: leak detection")
+    mw.running = True
     logger.info("asgi_dbpool: %d engine(s) reachable; pool monitor started", len(mw.all_trackers()))
 
 

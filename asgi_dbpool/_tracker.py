@@ -46,6 +46,7 @@ class PoolTracker:
         self.wait, self.use, self.create = Histogram(), Histogram(), Histogram()
         self.leak_threshold: float | None = None  # seconds; set by the middleware (stacks captured only then)
         self.max_pending: int | None = None  # fail fast beyond this many waiting tasks; set by the middleware
+        self.owner: weakref.ref[Any] | None = None  # the DBPoolMiddleware whose options apply (see _startup.claim)
         self.rejected = 0  # checkouts refused by max_pending
         self.overload_answers = 0  # 503s the middleware answered because this pool was exhausted
         self.overloaded = False

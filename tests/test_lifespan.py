@@ -190,3 +190,40 @@ async def test_backends_are_gone_after_the_lifespan(make_engine: Callable[..., A
             await b.execute(text("SELECT 1"))
         assert await backends(database_url, make_engine.name_of(engine)) == 2  # type: ignore[attr-defined]
     assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
+
+
+async def test_a_second_running_middleware_on_one_engine_is_refused(
+    make_engine: Callable[..., AsyncEngine],
+) -> None:
+    """Pool options live per engine, and shutdown disposes the engine: two running owners would override each
+    other's options and one would close the engine under the other. The second one's startup fails instead."""
+    engine = make_engine()
+    first = DBPoolMiddleware(Starlette(), engine, leak_threshold=5)
+    tracker = first.trackers[0]
+    expected = (
+        "asgi_dbpool: engine 'default' at postgresql+asyncpg://postgres:***@/postgres?host=",
+        " is already managed by another running DBPoolMiddleware; wrap the app once (one middleware per engine) "
+        "or give each app its own engine",
+    )
+    async with LifespanManager(first):
+        second = DBPoolMiddleware(Starlette(), engine, max_pending=3)
+        assert (tracker.leak_threshold, tracker.max_pending) == (5, None)  # the running owner's options stay
+        driver = LifespanDriver(second)
+        answer = await driver.startup()
+        await driver.task  # type: ignore[misc]
+        assert driver.types() == ["lifespan.startup.failed"]
+        assert answer["message"].startswith(expected[0])
+        assert answer["message"].endswith(expected[1])
+        async with engine.connect() as conn:  # the first app's engine was left alone
+            assert (await conn.execute(text("SELECT 5"))).scalar_one() == 5
+        nested = DBPoolMiddleware(DBPoolMiddleware(Starlette(), engine), engine)
+    # Sequentially, one after the other, is fine: a restarted app takes the engine over with its options.
+    async with LifespanManager(second):
+        assert (tracker.leak_threshold, tracker.max_pending) == (None, 3)
+    # Wrapping twice: the inner middleware's startup fails, and the outer forwards it.
+    driver = LifespanDriver(nested)
+    answer = await driver.startup()
+    await driver.task  # type: ignore[misc]
+    assert driver.types() == ["lifespan.startup.failed"]
+    assert answer["message"].endswith(expected[1])
+    assert engine.pool.checkedin() == 0  # the outer one closed what it had opened
