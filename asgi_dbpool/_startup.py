@@ -24,7 +24,7 @@ logger = logging.getLogger("asgi_dbpool")
 
 
 class StartupError(RuntimeError):
-    """A database could not be reached at startup (the message is the one line the server shows)."""
+    """Startup cannot go on: a database is unreachable, or an engine is already managed (one line for the server)."""
 
 
 def claim(mw: DBPoolMiddleware, *, strict: bool) -> None:
