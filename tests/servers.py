@@ -140,7 +140,7 @@ class Run:
         assert self.proc is not None
         for _ in range(600):
             output = self.output()
-            if output.count("engine(s) reachable; pool monitor started") == count:
+            if len(re.findall(r"^INFO matrix \[\d+\]: app started$", output, re.M)) == count:
                 return
             if self.proc.poll() is not None or "Application startup failed" in output:
                 break

@@ -20,7 +20,10 @@ pytestmark = [pytest.mark.anyio, pytest.mark.servers]
 NORMAL_EXIT = {"gunicorn": 0, "uvicorn-workers": 0, "granian-workers": 0}
 
 
-@pytest.mark.parametrize("server", ["gunicorn", "uvicorn-workers", "granian-workers"])
+SERVERS = ["gunicorn", "uvicorn-workers", "granian-workers"]
+
+
+@pytest.mark.parametrize("server", SERVERS)
 async def test_workers_shut_down_clean(server: str, database_url: str, tmp_path: Path) -> None:
     run = Run(server=server, wrapped=True, database_url=database_url, log_path=tmp_path / f"{server}.log")
     run.start(graceful=10)
@@ -38,3 +41,24 @@ async def test_workers_shut_down_clean(server: str, database_url: str, tmp_path:
     assert await run.backends_left() == 0
     # every worker ran the whole shutdown: four "disposed" lines, one per process
     assert output.count("asgi_dbpool: shutdown finished in") == 4, output
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_workers_control_without_the_middleware_shows_a_problem(
+    server: str, database_url: str, tmp_path: Path
+) -> None:
+    """The same run without the middleware must show at least one problem, or the test above proves nothing."""
+    run = Run(server=server, wrapped=False, database_url=database_url, log_path=tmp_path / f"{server}.log")
+    run.start(graceful=10)
+    await run.wait_up()
+    await run.wait_workers(4)
+    await drive(run, [(0.0, signal.SIGTERM)], write_seconds=0.3)
+    stored = await run.stored()
+    problems = {
+        "noise": run.noise(),
+        "unclean disconnects": run.unclean(),
+        "backends left": await run.backends_left(),
+        "cut or failed requests": {t: s for t, s in run.writes.items() if s != 200},
+        "lost writes": {t: i for t, i in run.ids.items() if stored.get(t) != i},
+    }
+    assert any(problems.values()), problems

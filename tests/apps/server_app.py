@@ -58,6 +58,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             text("CREATE TABLE IF NOT EXISTS matrix_writes (id serial PRIMARY KEY, run text, token text UNIQUE)")
         )
     asyncio.get_running_loop().create_task(poller())
+    logging.getLogger("matrix").info("app started")  # the workers tests wait for one line per worker
     yield
 
 
