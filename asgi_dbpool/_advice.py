@@ -18,7 +18,8 @@ logger = logging.getLogger("asgi_dbpool")
 #: pg_settings gives each value in its base unit (milliseconds for the timeouts), unlike current_setting().
 _SERVER_QUERY = text(
     "SELECT name, setting::int FROM pg_settings WHERE name IN ('max_connections', 'superuser_reserved_connections', "
-    "'reserved_connections', 'idle_session_timeout', 'idle_in_transaction_session_timeout')"
+    "'reserved_connections', 'idle_session_timeout', 'idle_in_transaction_session_timeout') "
+    "UNION ALL SELECT 'backend_pid', pg_backend_pid()"
 )
 #: Enough checkouts to judge a pool by its high-water mark.
 MIN_CHECKOUTS = 100
@@ -29,12 +30,16 @@ async def read_server(tracker: PoolTracker) -> dict[str, int]:
     assert tracker.async_engine is not None
     async with tracker.async_engine.connect() as conn:
         rows: dict[str, int] = {name: value for name, value in (await conn.execute(_SERVER_QUERY)).all()}
+        given = getattr((await conn.get_raw_connection()).driver_connection, "get_server_pid", lambda: None)()
     server = {
         "max_connections": rows["max_connections"],
         "superuser_reserved_connections": rows.get("superuser_reserved_connections", 0),
         "reserved_connections": rows.get("reserved_connections", 0),  # PostgreSQL 16+
         "idle_session_timeout_ms": rows.get("idle_session_timeout", 0),  # PostgreSQL 14+
         "idle_in_transaction_session_timeout_ms": rows.get("idle_in_transaction_session_timeout", 0),
+        # A pooler (PgBouncer, pgcat, RDS Proxy...) gives its clients a process id of its own at connect time;
+        # directly (or through a plain TCP proxy) it is the backend's own pg_backend_pid().
+        "pooler": int(given is not None and given != rows["backend_pid"]),
     }
     tracker.server = server
     return server
@@ -84,7 +89,8 @@ def budget_lines(
         arithmetic = f"{topology.processes()} x {pools} = {total}"
         where = mask_url(group[0].engine.url)
         bouncer = topology.pgbouncer_pool_size
-        through = f"through PgBouncer ({mode} pooling) at {where}: {arithmetic} client connections"
+        pooler = "a connection pooler (DB_PGBOUNCER not set)" if mode == "unknown" else f"PgBouncer ({mode} pooling)"
+        through = f"through {pooler} at {where}: {arithmetic} client connections"
         if mode == "off":
             if total <= available:
                 continue

@@ -139,8 +139,10 @@ class DBPoolMiddleware:
         return [*self.trackers, *self.sync_trackers]
 
     def pgbouncer_mode(self, tracker: PoolTracker) -> str:
-        """``off``, ``session`` or ``transaction``: the option, else what ``PoolSettings`` recorded for the engine."""
-        return self.pgbouncer or PGBOUNCER_MODES.get(tracker.engine, "off")
+        """``off``, ``session`` or ``transaction``: the option, else what ``PoolSettings`` recorded for the engine;
+        ``unknown`` when neither says but startup saw a connection pooler in front."""
+        mode = self.pgbouncer or PGBOUNCER_MODES.get(tracker.engine, "off")
+        return "unknown" if mode == "off" and self.pgbouncer is None and tracker.server.get("pooler") else mode
 
     # -- ASGI --------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

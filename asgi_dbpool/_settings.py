@@ -142,7 +142,7 @@ class PoolSettings:
             "max_pending": self.max_pending or None,
             "workers": self.workers or None,
             "hosts": self.hosts,
-            "pgbouncer": self.pgbouncer,
+            "pgbouncer": None if self.pgbouncer == "off" else self.pgbouncer,  # None: a pooler found is reported
             "pgbouncer_pool_size": self.pgbouncer_pool_size or None,
         }
 

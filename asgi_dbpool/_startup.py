@@ -86,6 +86,17 @@ async def check_budget(mw: DBPoolMiddleware) -> None:
                 tracker.name,
                 one_line(exc),
             )
+    for tracker in mw.trackers:
+        if mw.pgbouncer_mode(tracker) == "unknown":
+            logger.warning(
+                "asgi_dbpool: engine %r at %s goes through a connection pooler (the process id it was given at "
+                "connect time is not the server's pg_backend_pid()) but DB_PGBOUNCER is not set: with PgBouncer's "
+                "transaction pooling set DB_PGBOUNCER=transaction and build the engine with "
+                "PoolSettings.create_async_engine(), or queries fail with 'prepared statement ... does not exist'; "
+                "otherwise pass pgbouncer='session' (or 'off') to the middleware",
+                tracker.name,
+                mask_url(tracker.engine.url),
+            )
     for level, line in budget_lines(mw.trackers, mw.topology, mw.pgbouncer_mode):
         logger.log(level, line)
 

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import create_async_engine
+from starlette.applications import Starlette
 
-from asgi_dbpool import PoolSettings
+from asgi_dbpool import DBPoolMiddleware, PoolSettings, mask_url
 from tests.pgbouncer import run_pgbouncer
 from tests.servers import Run, drive
 
@@ -160,3 +166,39 @@ async def test_shutdown_through_pgbouncer_control_without_the_middleware(
             "lost writes": {t: i for t, i in run.ids.items() if (await run.stored()).get(t) != i},
         }
     assert any(problems.values()), problems
+
+
+async def test_a_pooler_in_front_is_noticed_when_not_configured(
+    pgbouncer_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An engine made PgBouncer-safe by hand, with DB_PGBOUNCER unset: startup sees the pooler (the process id
+    PgBouncer hands its clients is not the backend's) and says so, and the budget counts client connections."""
+    engine = create_async_engine(
+        make_url(pgbouncer_url).update_query_dict({"prepared_statement_cache_size": "0"}),
+        pool_size=5,
+        max_overflow=5,
+        connect_args={"statement_cache_size": 0, "prepared_statement_name_func": lambda: f"__s{uuid.uuid4().hex}__"},
+    )
+    caplog.set_level(logging.INFO, logger="asgi_dbpool")
+    try:
+        async with LifespanManager(DBPoolMiddleware(Starlette(), engine, workers=2)):
+            pass
+        async with LifespanManager(DBPoolMiddleware(Starlette(), engine, workers=2, pgbouncer="transaction")):
+            pass
+    finally:
+        await engine.dispose()
+    lines = [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if "pooler" in r.getMessage() or "connection budget" in r.getMessage()
+    ]
+    where = f"at {mask_url(engine.url)}"
+    assert [level for level, _ in lines] == ["WARNING", "INFO", "INFO"], lines
+    assert lines[0][1].startswith(f"asgi_dbpool: engine 'default' {where} goes through a connection pooler (the ")
+    assert "set DB_PGBOUNCER=transaction and build the engine with PoolSettings.create_async_engine()" in lines[0][1]
+    assert lines[1][1].startswith(
+        f"asgi_dbpool: connection budget through a connection pooler (DB_PGBOUNCER not set) {where}: "
+        "2 worker(s) x (5 + 5) = 20 client connections"
+    )
+    # Told the mode, it only reasons about the budget.
+    assert lines[2][1].startswith(f"asgi_dbpool: connection budget through PgBouncer (transaction pooling) {where}")
