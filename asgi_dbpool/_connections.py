@@ -20,6 +20,8 @@ logger = logging.getLogger("asgi_dbpool")
 GOING_AWAY = 1001
 #: Close codes that mean "the server is going away" (uvicorn closes with 1012 before lifespan.shutdown).
 SHUTDOWN_CODES = frozenset({GOING_AWAY, 1012})
+#: Seconds a server may take to accept a close frame at shutdown before the handler is interrupted anyway.
+CLOSE_FRAME_TIMEOUT = 1.0
 
 
 def ended_by_shutdown(exc: BaseException, close_code: int | None) -> bool:
@@ -124,24 +126,38 @@ class ConnectionTracker:
                 if not self.websockets and self._ws_waiter is not None and not self._ws_waiter.done():
                     self._ws_waiter.set_result(None)
 
-    async def close_websockets(self) -> int:
+    async def close_websockets(self, deadline: float) -> tuple[int, int]:
         """Close every open WebSocket with 1001 (idempotent) and interrupt its handler's ``receive``.
 
-        Returns how many were closed here (the others had been closed by the server or the app).
+        All at once, each close bounded by :data:`CLOSE_FRAME_TIMEOUT` and ``deadline`` (loop time): a server that
+        does not take the close frame (granian, mid-shutdown, can leave it pending) holds up neither the other
+        sockets nor the drain, and the handler is interrupted either way. Returns (closed here, close frames the
+        server had not taken in time); the others had been closed by the server or the app.
         """
-        closed = 0
-        for ws in list(self.websockets):
+        sockets = list(self.websockets)
+        for ws in sockets:
             ws.closed_by_shutdown = True
+        outcomes = await asyncio.gather(*(self._close(ws, deadline) for ws in sockets))
+        return outcomes.count("closed"), outcomes.count("pending")
+
+    @staticmethod
+    async def _close(ws: _WebSocket, deadline: float) -> str:
+        outcome = "already closed"
+        try:
             if not ws.closed:
                 ws.closed = True
-                try:
+                give_up = min(deadline, asyncio.get_running_loop().time() + CLOSE_FRAME_TIMEOUT)
+                async with asyncio.timeout_at(give_up):
                     await ws.send({"type": "websocket.close", "code": GOING_AWAY, "reason": "server shutting down"})
-                    closed += 1
-                except Exception as exc:  # the server closed it first (uvicorn does, with 1012)
-                    logger.debug("asgi_dbpool: WebSocket already closed by the server: %r", exc)
+                outcome = "closed"
+        except TimeoutError:
+            outcome = "pending"
+        except Exception as exc:  # the server closed it first (uvicorn does, with 1012)
+            logger.debug("asgi_dbpool: WebSocket already closed by the server: %r", exc)
+        finally:
             if ws.interrupt is not None and not ws.interrupt.done():
                 ws.interrupt.set_result(None)
-        return closed
+        return outcome
 
 
 async def answer_cancelled(scope: Scope, send: Send, unit: Unit) -> bool:

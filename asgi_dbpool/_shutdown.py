@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from ._connections import CLOSE_FRAME_TIMEOUT
 from ._lifespan import InnerLifespan, describe_task, one_line
 
 if TYPE_CHECKING:
@@ -84,7 +85,14 @@ async def shutdown(mw: DBPoolMiddleware, inner: InnerLifespan) -> tuple[str, str
 
     # 2. WebSockets: close (idempotently) and wait for their handlers, which usually hold sessions.
     open_sockets = len(mw.connections.websockets)
-    closed = await mw.connections.close_websockets()
+    closed, pending = await mw.connections.close_websockets(budget.drain_deadline)
+    if pending:
+        logger.warning(
+            "asgi_dbpool: the server did not take the close frame of %d WebSocket(s) within %.1fs; their handlers "
+            "were interrupted anyway",
+            pending,
+            CLOSE_FRAME_TIMEOUT,
+        )
     await budget.wait(
         mw.connections.wait_websockets(),
         "WebSocket handlers",
@@ -95,7 +103,7 @@ async def shutdown(mw: DBPoolMiddleware, inner: InnerLifespan) -> tuple[str, str
         "asgi_dbpool: %d WebSocket(s) closed (%d were open, %d already closed by the server)",
         closed,
         open_sockets,
-        open_sockets - closed,
+        open_sockets - closed - pending,
     )
 
     # 3. In-flight HTTP requests.
@@ -170,7 +178,7 @@ async def force_close(mw: DBPoolMiddleware, inner: InnerLifespan | None) -> None
     budget = Budget(min(mw.shutdown_timeout, FORCE_EXIT_BUDGET))
     mw._enter_shutdown()
     logger.info("asgi_dbpool: lifespan cancelled without a shutdown message; closing connections now")
-    await mw.connections.close_websockets()
+    await mw.connections.close_websockets(budget.drain_deadline)
     if inner is not None:
         inner.cancel()
     await budget.wait(mw.connections.wait_websockets(), "WebSocket handlers", budget.drain_deadline)

@@ -76,12 +76,15 @@ class WebSocketPeer:
         self.sent: list[Message] = []
         self.accepted = asyncio.Event()
         self.closed_by_server = False
+        self.close_hangs = False
         self.task: asyncio.Task[None] | None = None
 
     async def _receive(self) -> Message:
         return await self.inbox.get()
 
     async def _send(self, message: Message) -> None:
+        if message["type"] == "websocket.close" and self.close_hangs:
+            await asyncio.Event().wait()  # a server that never takes the close frame
         if self.closed_by_server:
             raise RuntimeError("Unexpected ASGI message 'websocket.close', after sending 'websocket.close'.")
         self.sent.append(message)

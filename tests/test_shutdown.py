@@ -133,6 +133,48 @@ async def test_websocket_closed_by_the_server_first_is_fine(make_engine: Callabl
     assert peer.types() == ["websocket.accept"]
 
 
+async def test_a_close_frame_the_server_never_takes_holds_nothing_up(
+    make_engine: Callable[..., AsyncEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    """granian, mid-shutdown, can leave a WebSocket close pending forever: the handler is interrupted anyway
+    (after CLOSE_FRAME_TIMEOUT, not the whole drain budget) and the shutdown goes on."""
+    engine = make_engine()
+    maker = async_sessionmaker(engine)
+    ended: list[str] = []
+
+    async def ws_endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        async with maker() as session:
+            await session.execute(text("SELECT 1"))
+            try:
+                while True:
+                    await websocket.receive_text()
+            except WebSocketDisconnect:
+                ended.append("handler saw the disconnect")
+
+    app = DBPoolMiddleware(Starlette(routes=[WebSocketRoute("/ws", ws_endpoint)]), engine, shutdown_timeout=5)
+    driver = LifespanDriver(app)
+    caplog.set_level(logging.INFO, logger="asgi_dbpool")
+    await driver.startup()
+    peer = WebSocketPeer(app, state=driver.state)
+    peer.close_hangs = True
+    await peer.connect()
+    assert await driver.shutdown() == {"type": "lifespan.shutdown.complete"}
+    assert ended == ["handler saw the disconnect"]
+    assert peer.task is not None
+    assert peer.task.done()
+    assert peer.task.exception() is None
+    log = messages(caplog)
+    assert log[1:5] == [
+        "asgi_dbpool: shutdown flag set (budget 5.0s)",
+        "asgi_dbpool: the server did not take the close frame of 1 WebSocket(s) within 1.0s; their handlers were "
+        "interrupted anyway",
+        "asgi_dbpool: 0 WebSocket(s) closed (1 were open, 0 already closed by the server)",
+        "asgi_dbpool: 0 in-flight request(s) drained",
+    ]
+    assert messages(caplog, logging.WARNING) == [log[2]]  # no drain overrun: the drain budget was not eaten
+
+
 async def test_leaked_sessions_are_reclaimed_and_gc_is_silent(
     make_engine: Callable[..., AsyncEngine], database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -9,18 +9,31 @@ a connection now count as holders (see ``asgi_dbpool._acquire``)."""
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.servers import Run, drive
 
 pytestmark = [pytest.mark.anyio, pytest.mark.servers]
 NORMAL_EXIT = {"gunicorn": 0, "uvicorn-workers": 0, "granian-workers": 0}
-
-
 SERVERS = ["gunicorn", "uvicorn-workers", "granian-workers"]
+
+
+async def answering_pids(run: Run) -> tuple[set[int], set[int]]:
+    """The ``pid`` of the stats JSON and of ``asgi_dbpool_info`` over fresh connections (spread over workers)."""
+    stats, metrics = set(), set()
+    for _ in range(100):
+        async with httpx.AsyncClient(base_url=run.base) as client:  # a new connection each time
+            stats.add((await client.get("/api/system/database/pool")).json()["pid"])
+            text = (await client.get("/api/system/database/pool/metrics")).text
+            metrics.update(int(pid) for pid in re.findall(r'^asgi_dbpool_info\{pid="(\d+)"', text, re.M))
+        if len(stats) >= 2 and len(metrics) >= 2:
+            break
+    return stats, metrics
 
 
 @pytest.mark.parametrize("server", SERVERS)
@@ -29,6 +42,14 @@ async def test_workers_shut_down_clean(server: str, database_url: str, tmp_path:
     run.start(graceful=10)
     await run.wait_up()
     await run.wait_workers(4)
+    # A scrape tells the workers apart: each answer carries the pid of the worker process that gave it.
+    workers = {int(pid) for pid in re.findall(r"^INFO matrix \[(\d+)\]: app started$", run.output(), re.M)}
+    stats, metrics = await answering_pids(run)
+    assert len(workers) == 4
+    assert len(stats) >= 2, (stats, workers)
+    assert stats <= workers, (stats, workers)
+    assert len(metrics) >= 2, (metrics, workers)
+    assert metrics <= workers, (metrics, workers)
     await drive(run, [(0.0, signal.SIGTERM)], write_seconds=0.3)
     output = run.output()
     assert run.exit_code == NORMAL_EXIT[server], output
