@@ -71,7 +71,7 @@ class PoolSettings:
     max_pending: int = 0  # fail a checkout at once when this many tasks already wait; 0 turns it off
     pgbouncer: str = "off"  # "transaction" when PgBouncer runs in transaction pooling mode in front
     pgbouncer_pool_size: int = 0  # PgBouncer's server connections for this database/user; 0 = not known
-    workers: int = 0  # worker processes per host (WEB_CONCURRENCY), for the budget check; 0 = read it at startup
+    workers: int = 0  # workers per host, for the budget check; 0 = unset (the middleware reads WEB_CONCURRENCY)
     hosts: int = 1  # hosts running this app against the same database, for the budget check
     async_database_url: str | None = None
     database_url: str | None = None
