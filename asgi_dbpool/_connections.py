@@ -18,8 +18,11 @@ logger = logging.getLogger("asgi_dbpool")
 
 #: Close code the middleware uses for WebSockets it closes at shutdown ("going away").
 GOING_AWAY = 1001
-#: Close codes that mean "the server is going away" (uvicorn closes with 1012 before lifespan.shutdown).
-SHUTDOWN_CODES = frozenset({GOING_AWAY, 1012})
+#: Close code for WebSockets closed when the server begins to stop, before lifespan.shutdown ("service
+#: restart", as uvicorn closes them).
+SERVICE_RESTART = 1012
+#: Close codes that mean "the server is going away".
+SHUTDOWN_CODES = frozenset({GOING_AWAY, SERVICE_RESTART})
 #: Seconds a server may take to accept a close frame at shutdown before the handler is interrupted anyway.
 CLOSE_FRAME_TIMEOUT = 1.0
 
@@ -91,7 +94,7 @@ class ConnectionTracker:
             if ws is None:
                 return await receive()
             if ws.closed_by_shutdown:
-                return _disconnect()
+                return _disconnect(ws.close_code)
             if ws.pending is None:
                 ws.pending = asyncio.ensure_future(receive())
             pending = ws.pending
@@ -99,7 +102,8 @@ class ConnectionTracker:
                 ws.interrupt = asyncio.get_running_loop().create_future()
             await asyncio.wait((pending, ws.interrupt), return_when=asyncio.FIRST_COMPLETED)
             if not pending.done():
-                return _disconnect()  # shutdown closed the socket; the pending receive is cancelled at the end
+                # Shutdown closed the socket; the pending receive is cancelled at the end.
+                return _disconnect(ws.close_code)
             ws.pending = None
             message = pending.result()
             if message["type"] == "websocket.disconnect":
@@ -126,8 +130,8 @@ class ConnectionTracker:
                 if not self.websockets and self._ws_waiter is not None and not self._ws_waiter.done():
                     self._ws_waiter.set_result(None)
 
-    async def close_websockets(self, deadline: float) -> tuple[int, int]:
-        """Close every open WebSocket with 1001 (idempotent) and interrupt its handler's ``receive``.
+    async def close_websockets(self, deadline: float, code: int = GOING_AWAY) -> tuple[int, int]:
+        """Close every open WebSocket with ``code`` (idempotent) and interrupt its handler's ``receive``.
 
         All at once, each close bounded by :data:`CLOSE_FRAME_TIMEOUT` and ``deadline`` (loop time): a server that
         does not take the close frame (granian, mid-shutdown, can leave it pending) holds up neither the other
@@ -137,18 +141,19 @@ class ConnectionTracker:
         sockets = list(self.websockets)
         for ws in sockets:
             ws.closed_by_shutdown = True
-        outcomes = await asyncio.gather(*(self._close(ws, deadline) for ws in sockets))
+            ws.close_code = ws.close_code or code
+        outcomes = await asyncio.gather(*(self._close(ws, deadline, code) for ws in sockets))
         return outcomes.count("closed"), outcomes.count("pending")
 
     @staticmethod
-    async def _close(ws: _WebSocket, deadline: float) -> str:
+    async def _close(ws: _WebSocket, deadline: float, code: int) -> str:
         outcome = "already closed"
         try:
             if not ws.closed:
                 ws.closed = True
                 give_up = min(deadline, asyncio.get_running_loop().time() + CLOSE_FRAME_TIMEOUT)
                 async with asyncio.timeout_at(give_up):
-                    await ws.send({"type": "websocket.close", "code": GOING_AWAY, "reason": "server shutting down"})
+                    await ws.send({"type": "websocket.close", "code": code, "reason": "server shutting down"})
                 outcome = "closed"
         except TimeoutError:
             outcome = "pending"
@@ -228,5 +233,5 @@ def overload_guard(send: Send, unit: Unit, retry_after: int) -> Send:
     return guarded
 
 
-def _disconnect() -> dict[str, Any]:
-    return {"type": "websocket.disconnect", "code": GOING_AWAY}
+def _disconnect(code: int | None) -> dict[str, Any]:
+    return {"type": "websocket.disconnect", "code": code or GOING_AWAY}

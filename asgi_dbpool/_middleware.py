@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -13,7 +13,9 @@ from . import _otel, _shutdown, _startup
 from ._advice import Topology, workers_from_env
 from ._checkout import Unit, current_unit
 from ._connections import (
+    CLOSE_FRAME_TIMEOUT,
     POOL_EXHAUSTED,
+    SERVICE_RESTART,
     SHUTTING_DOWN,
     ConnectionTracker,
     answer_cancelled,
@@ -116,6 +118,7 @@ class DBPoolMiddleware:
         self.connections = ConnectionTracker()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.shutting_down = False
+        self.server_stopping = False  # the server's shutdown trigger fired (see shutdown_trigger)
         self._monitor_task: asyncio.Task[None] | None = None
         self._leak_task: asyncio.Task[None] | None = None
 
@@ -134,6 +137,29 @@ class DBPoolMiddleware:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
+
+    def shutdown_trigger(self, trigger: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
+        """Wrap the ``shutdown_trigger`` of an in-process server so open WebSockets close when it fires.
+
+        For ``hypercorn.asyncio.serve(app, config, shutdown_trigger=middleware.shutdown_trigger(stop.wait))``:
+        on Python 3.12+ hypercorn waits for every connection to close *before* it sends ``lifespan.shutdown``
+        (pgjones/hypercorn#308), so an open WebSocket would hold the process forever. When ``trigger`` returns,
+        the open WebSockets are closed with 1012 (as uvicorn does), new ones are refused, and the server goes on.
+        """
+
+        async def trigger_then_close_websockets() -> None:
+            await trigger()
+            self.server_stopping = True
+            deadline = asyncio.get_running_loop().time() + CLOSE_FRAME_TIMEOUT
+            closed, pending = await self.connections.close_websockets(deadline, SERVICE_RESTART)
+            logger.info(
+                "asgi_dbpool: the server is stopping: %d WebSocket(s) closed with %d%s",
+                closed,
+                SERVICE_RESTART,
+                f" ({pending} close frame(s) not taken in time)" if pending else "",
+            )
+
+        return trigger_then_close_websockets
 
     def all_trackers(self) -> list[PoolTracker]:
         return [*self.trackers, *self.sync_trackers]
@@ -162,7 +188,7 @@ class DBPoolMiddleware:
             elif STATE_KEY not in state:
                 state[STATE_KEY] = self
             if kind == "websocket":
-                if self.shutting_down:
+                if self.shutting_down or self.server_stopping:
                     await send({"type": "websocket.close", "code": 1001})
                 else:
                     await self.connections.websocket(self.app, scope, receive, send)

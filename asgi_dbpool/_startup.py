@@ -54,6 +54,7 @@ async def startup(mw: DBPoolMiddleware) -> None:
     claim(mw, strict=True)
     clear_shutting_down()
     mw.shutting_down = False
+    mw.server_stopping = False
     for tracker in mw.all_trackers():
         tracker.reopen()
     for tracker in mw.all_trackers():

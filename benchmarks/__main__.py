@@ -19,13 +19,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
+
+from demo_app.embedded import EmbeddedPostgres
 
 from .stats import Series, table
 
@@ -39,15 +40,8 @@ def database() -> Iterator[str]:
     if given:
         yield str(make_url(given).set(drivername="postgresql+asyncpg"))
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver
-    with tempfile.TemporaryDirectory(prefix="bench-pg-") as pgdata:
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")
-        try:
-            yield str(make_url(server.get_uri()).set(drivername="postgresql+asyncpg"))
-        finally:
-            server.cleanup()
+    with tempfile.TemporaryDirectory(prefix="bench-pg-") as pgdata, EmbeddedPostgres(Path(pgdata)) as server:
+        yield server.url
 
 
 async def interleave(variants: dict[str, Rate], rounds: int, baseline: str) -> Series:

