@@ -147,9 +147,9 @@ def advise(tracker: PoolTracker, cores: int | None = None) -> dict[str, Any]:
         "checked_out_high_water": tracker.checked_out_max,
         "overflow_high_water": tracker.overflow_max,
         "overflow_checkouts": tracker.overflow_checkouts,
-        "timeouts": tracker.timeouts,
+        "timeouts": tracker.acquisition.timeouts,
         "use_time_p50_seconds": p50,
-        "wait_time_p99_seconds": tracker.wait.quantile(0.99),
+        "wait_time_p99_seconds": tracker.acquisition.wait.quantile(0.99),
     }
     advice: list[dict[str, Any]] = []
 
@@ -157,12 +157,12 @@ def advise(tracker: PoolTracker, cores: int | None = None) -> dict[str, Any]:
         advice.append({"setting": setting, "current": current, "suggested": suggested, "why": why})
 
     grow_to = size + tracker.overflow_max
-    if tracker.timeouts:
+    if tracker.acquisition.timeouts:
         say(
             "DB_POOL_SIZE",
             size,
             max(grow_to, size + 1),
-            f"{tracker.timeouts} checkout(s) timed out waiting for a "
+            f"{tracker.acquisition.timeouts} checkout(s) timed out waiting for a "
             "connection: grow the pool (or find the slow queries holding connections)",
         )
     elif checkouts and tracker.overflow_checkouts / checkouts > 0.1 and p50 is not None and p50 <= 0.1:

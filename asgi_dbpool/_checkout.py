@@ -1,4 +1,4 @@
-"""Who holds a connection: the request unit, the owner task and the checkout site of every checkout."""
+"""Who holds a connection: the request in flight, the owner task and the checkout site of every checkout."""
 
 from __future__ import annotations
 
@@ -21,35 +21,35 @@ _INTERNAL_PARTS = ("/sqlalchemy/", "/asyncpg/", "/asyncio/", "/greenlet/", "/asg
 _internal_cache: dict[str, bool] = {}
 
 
-class Unit:
-    """One request or WebSocket handled through the middleware: its task, whether it has finished, whether
-    it tried an ORM commit (then a request cut off by the server may have saved its changes), and the pool
-    that could not give it a connection (then its error becomes a 503)."""
+class InFlight:
+    """One HTTP request or WebSocket in flight through the middleware: its task, whether it has finished,
+    whether it tried an ORM commit (then a request cut off by the server may have saved its changes), and the
+    pool that could not give it a connection (then its error becomes a 503)."""
 
     __slots__ = ("answered", "committed", "done", "exhausted", "task")
 
     def __init__(self) -> None:
-        self.task = _current_task()
+        self.task = current_task()
         self.done = False
         self.committed = False
         self.exhausted: Any = None  # the PoolTracker whose checkout timed out or was refused
         self.answered = False  # the middleware answered 503 in place of the app's 500
 
 
-#: The request/WebSocket being served in this context (set by the middleware around each call).
-current_unit: ContextVar[Unit | None] = ContextVar("asgi_dbpool_unit", default=None)
+#: The request or WebSocket being served in this context (set by the middleware around each call).
+current_request: ContextVar[InFlight | None] = ContextVar("asgi_dbpool_request", default=None)
 
 
-def _on_session_commit(session: Session) -> None:
+def on_session_commit(session: Session) -> None:
     """Mark the request as having tried a COMMIT (before it is sent: a cut-off COMMIT may have landed).
 
     An ORM event, not a Core ``ConnectionEvents.commit`` listener: a Core listener on the engine switches on
     event dispatch for every statement (about 2% end to end here). Commits through ``AsyncConnection`` /
     ``engine.begin()`` directly are therefore not seen.
     """
-    unit = current_unit.get()
-    if unit is not None:
-        unit.committed = True
+    request = current_request.get()
+    if request is not None:
+        request.committed = True
 
 
 def _is_internal(filename: str) -> bool:
@@ -106,7 +106,7 @@ def checkout_stack(limit: int = 12) -> list[str]:
     return lines
 
 
-def _current_task() -> asyncio.Task[Any] | None:
+def current_task() -> asyncio.Task[Any] | None:
     try:
         return asyncio.current_task()
     except RuntimeError:  # a sync engine used from a worker thread
@@ -116,7 +116,7 @@ def _current_task() -> asyncio.Task[Any] | None:
 class Checkout:
     """One connection that is checked out right now (made on every checkout: kept small and cheap)."""
 
-    __slots__ = ("owner", "proxy", "record", "reported", "since", "stack", "unit", "where")
+    __slots__ = ("owner", "proxy", "record", "reported", "request", "since", "stack", "where")
 
     def __init__(
         self,
@@ -124,7 +124,7 @@ class Checkout:
         proxy: weakref.ref[PoolProxiedConnection],
         owner: asyncio.Task[Any] | None,
         where: tuple[str, int],
-        unit: Unit | None,
+        request: InFlight | None,
         stack: list[str] | None,
     ) -> None:
         self.record = record
@@ -132,7 +132,7 @@ class Checkout:
         self.owner = owner  # held until checkin: a finished task that leaked stays inspectable
         self.where = where
         self.since = time.monotonic()
-        self.unit = unit
+        self.request = request
         self.stack = stack  # only with leak detection on
         self.reported = False
 
@@ -146,8 +146,8 @@ class Checkout:
         owner = self.owner
         if owner is None or owner.done() or owner is current:
             return True
-        unit = self.unit
-        return unit is not None and unit.done and unit.task is owner
+        request = self.request
+        return request is not None and request.done and request.task is owner
 
     @property
     def site(self) -> str:

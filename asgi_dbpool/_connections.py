@@ -11,7 +11,7 @@ import logging
 from collections.abc import Awaitable
 from typing import Any
 
-from ._checkout import Unit, current_unit
+from ._checkout import InFlight, current_request
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("asgi_dbpool")
@@ -111,8 +111,8 @@ class ConnectionTracker:
                 ws.close_code = message.get("code", 1005)
             return message
 
-        unit = Unit()
-        token = current_unit.set(unit)
+        request = InFlight()
+        token = current_request.set(request)
         try:
             await app(scope, tracked_receive, tracked_send)
         except Exception as exc:
@@ -121,8 +121,8 @@ class ConnectionTracker:
             # The handler only failed because shutdown closed its socket (e.g. WebSocketDisconnect(1012)).
             logger.debug("asgi_dbpool: WebSocket handler ended by shutdown with %r", exc)
         finally:
-            unit.done = True
-            current_unit.reset(token)
+            request.done = True
+            current_request.reset(token)
             if ws is not None:
                 if ws.pending is not None:
                     ws.pending.cancel()
@@ -165,20 +165,20 @@ class ConnectionTracker:
         return outcome
 
 
-async def answer_cancelled(scope: Scope, send: Send, unit: Unit) -> bool:
+async def answer_cancelled(scope: Scope, send: Send, request: InFlight, retry_after: int) -> bool:
     """Answer a request the server cancelled; False when it cannot be answered (its response had started).
 
     503 + Retry-After when nothing was committed (its transactions rolled back: safe to retry); 500 without
     Retry-After when a COMMIT was sent, since its changes may have been saved (a retry could apply them twice).
     """
-    if unit.committed:
+    if request.committed:
         answered = await respond(send, 500, SHUT_AFTER_COMMIT, retry_after=None, close=True)
     else:
-        answered = await respond(send, 503, SHUTTING_DOWN, retry_after=1, close=True)
+        answered = await respond(send, 503, SHUTTING_DOWN, retry_after=retry_after, close=True)
     if not answered:
         return False
     method, path = scope.get("method"), scope.get("path")
-    if unit.committed:
+    if request.committed:
         logger.warning("asgi_dbpool: %s %s was cancelled by the server after it committed; answering 500", method, path)
     else:
         logger.warning(
@@ -209,7 +209,7 @@ async def respond(send: Send, status: int, body: bytes, *, retry_after: int | No
     return True
 
 
-def overload_guard(send: Send, unit: Unit, retry_after: int) -> Send:
+def overload_guard(send: Send, request: InFlight, retry_after: int) -> Send:
     """``send`` for one request: once a checkout of this request hit an exhausted pool, the app's own 500
     (Starlette's ServerErrorMiddleware answers before the error reaches us) becomes a 503 + Retry-After.
 
@@ -218,15 +218,15 @@ def overload_guard(send: Send, unit: Unit, retry_after: int) -> Send:
 
     async def replace(message: Message) -> None:
         kind = message["type"]
-        if kind == "http.response.start" and message.get("status") == 500 and not unit.answered:
-            unit.answered = True
-            unit.exhausted.overload_answers += 1
+        if kind == "http.response.start" and message.get("status") == 500 and not request.answered:
+            request.answered = True
+            request.exhausted.overload_answers += 1
             await respond(send, 503, POOL_EXHAUSTED, retry_after=retry_after, close=False)
-        elif not (unit.answered and kind == "http.response.body"):
+        elif not (request.answered and kind == "http.response.body"):
             await send(message)
 
     def guarded(message: Message) -> Awaitable[None]:
-        if unit.exhausted is None:
+        if request.exhausted is None:
             return send(message)
         return replace(message)
 

@@ -15,32 +15,58 @@ P = ParamSpec("P")
 T = TypeVar("T")
 D = TypeVar("D")
 
-_shutting_down = False
+# The process-wide flag, from every app's lifecycle (keyed by the lifecycle's id) and the manual mark.
+_marked = False
+_running: set[int] = set()
+_stopping: set[int] = set()
+_stopped = False  # an app in this process has finished its shutdown
 
 #: Messages that mean "the event loop is gone", as asyncio and asyncpg word them.
 CLOSED_LOOP_MARKERS = ("event loop is closed", "loop is closed")
 
 
 def is_shutting_down() -> bool:
-    """Return True once a ``DBPoolMiddleware`` in this process has begun its shutdown.
+    """Return True while the process is shutting down, as far as its ``DBPoolMiddleware`` apps can tell.
 
-    The flag is set as the very first step of the shutdown sequence, stays set after the
-    shutdown (garbage collected leftovers are judged by it) and is cleared when a middleware
-    starts up again.
+    That is: while any app in this process is in its shutdown (set as its very first step), and after the
+    last running app has shut down (garbage-collected leftovers are judged by it), or after
+    :func:`mark_shutting_down`. An app starting clears neither another app's shutdown nor its leftovers while
+    that other app is still shutting down. One app's own state is ``request.state.asgi_dbpool.shutting_down``.
     """
-    return _shutting_down
+    return _marked or bool(_stopping) or (_stopped and not _running)
 
 
 def mark_shutting_down() -> None:
-    """Set the process-wide shutdown flag (the middleware calls this; so may a custom server)."""
-    global _shutting_down
-    _shutting_down = True
+    """Set the process-wide shutdown flag by hand (a custom server may); the next app startup clears it."""
+    global _marked
+    _marked = True
 
 
 def clear_shutting_down() -> None:
-    """Clear the process-wide shutdown flag (done by the middleware at startup)."""
-    global _shutting_down
-    _shutting_down = False
+    """Forget every app's shutdown and the manual mark (for tests and tools that reuse one process)."""
+    global _marked, _stopped
+    _marked = _stopped = False
+    _stopping.clear()
+    _running.clear()
+
+
+def app_started(key: int) -> None:
+    global _marked
+    _marked = False
+    _stopping.discard(key)
+    _running.add(key)
+
+
+def app_stopping(key: int) -> None:
+    _running.discard(key)
+    _stopping.add(key)
+
+
+def app_stopped(key: int) -> None:
+    global _stopped
+    _stopping.discard(key)
+    _running.discard(key)
+    _stopped = True
 
 
 def is_closed_loop_error(exc: BaseException) -> bool:

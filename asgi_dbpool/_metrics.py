@@ -1,47 +1,12 @@
-"""Histograms of pool timings and the Prometheus text exposition (OpenTelemetry metric names)."""
+"""The Prometheus text exposition of every pool (OpenTelemetry metric names)."""
 
 from __future__ import annotations
 
-import bisect
 import os
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from ._tracker import PoolTracker
-
-#: Upper bounds in seconds, from sub-millisecond waits to a 30 s pool timeout.
-BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-class Histogram:
-    """A fixed-bucket histogram: ``observe`` is one bisect and two additions."""
-
-    __slots__ = ("count", "counts", "otel", "sum")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
-        self.sum = 0.0
-        self.count = 0
-        self.otel: tuple[Any, dict[str, str]] | None = None  # (OpenTelemetry histogram, attributes) when enrolled
-
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS, seconds)] += 1
-        self.sum += seconds
-        self.count += 1
-        if self.otel is not None:
-            self.otel[0].record(seconds, self.otel[1])
-
-    def quantile(self, q: float) -> float | None:
-        """The upper bound of the bucket holding quantile ``q`` (None without observations)."""
-        if not self.count:
-            return None
-        rank, seen = q * self.count, 0
-        for bound, n in zip((*BUCKETS, float("inf")), self.counts, strict=True):
-            seen += n
-            if seen >= rank:
-                return bound
-        return float("inf")  # pragma: no cover
+from ._histogram import BUCKETS, Histogram
+from ._tracker import PoolTracker
 
 
 def _labels(**labels: str) -> str:
@@ -69,7 +34,11 @@ def render(trackers: Iterable[PoolTracker], version: str) -> str:
             "The maximum number of idle open connections allowed.",
             lambda t: t.pool_size(),
         ),
-        ("db_client_connection_pending_requests", "Tasks waiting for a connection now.", lambda t: t.pending),
+        (
+            "db_client_connection_pending_requests",
+            "Tasks waiting for a connection now.",
+            lambda t: t.acquisition.pending,
+        ),
         ("asgi_dbpool_checked_out_high_water", "Most connections checked out at once.", lambda t: t.checked_out_max),
         ("asgi_dbpool_overflow_high_water", "Most overflow connections open at once.", lambda t: t.overflow_max),
     )
@@ -81,26 +50,42 @@ def render(trackers: Iterable[PoolTracker], version: str) -> str:
     for name, doc, read in gauges:
         _family(lines, name, "gauge", doc)
         lines.extend(f"{name}{_labels(pool_name=t.name)} {read(t)}" for t in trackers)
-    counters = (
-        ("db_client_connection_timeouts", "Checkouts that timed out waiting for a connection.", "timeouts"),
-        ("db_client_connection_rejected", "Checkouts refused at once (max_pending tasks already waiting).", "rejected"),
-        ("asgi_dbpool_overload_responses", "503 answers sent because the pool was exhausted.", "overload_answers"),
-        ("asgi_dbpool_invalidations", "Connections invalidated (found broken).", "invalidations"),
-        ("asgi_dbpool_leaks", "Checkouts held longer than the leak threshold.", "leaks"),
-        ("asgi_dbpool_reclaimed", "Leaked connections closed by the middleware at shutdown.", "reclaimed"),
+    counters: tuple[tuple[str, str, Callable[[PoolTracker], int]], ...] = (
+        (
+            "db_client_connection_timeouts",
+            "Checkouts that timed out waiting for a connection.",
+            lambda t: t.acquisition.timeouts,
+        ),
+        (
+            "db_client_connection_rejected",
+            "Checkouts refused at once (max_pending tasks already waiting).",
+            lambda t: t.acquisition.rejected,
+        ),
+        (
+            "asgi_dbpool_overload_responses",
+            "503 answers sent because the pool was exhausted.",
+            lambda t: t.overload_answers,
+        ),
+        ("asgi_dbpool_invalidations", "Connections invalidated (found broken).", lambda t: t.invalidations),
+        ("asgi_dbpool_leaks", "Checkouts held longer than the leak threshold.", lambda t: t.leaks),
+        ("asgi_dbpool_reclaimed", "Leaked connections closed by the middleware at shutdown.", lambda t: t.reclaimed),
     )
-    for name, doc, attr in counters:
+    for name, doc, count in counters:
         _family(lines, name, "counter", doc)
-        lines.extend(f"{name}_total{_labels(pool_name=t.name)} {getattr(t, attr)}" for t in trackers)
-    histograms = (
-        ("db_client_connection_wait_time_seconds", "Time to obtain a connection from the pool.", "wait"),
-        ("db_client_connection_use_time_seconds", "Time between checkout and checkin.", "use"),
-        ("db_client_connection_create_time_seconds", "Time to open a new connection.", "create"),
+        lines.extend(f"{name}_total{_labels(pool_name=t.name)} {count(t)}" for t in trackers)
+    histograms: tuple[tuple[str, str, Callable[[PoolTracker], Histogram]], ...] = (
+        (
+            "db_client_connection_wait_time_seconds",
+            "Time to obtain a connection from the pool.",
+            lambda t: t.acquisition.wait,
+        ),
+        ("db_client_connection_use_time_seconds", "Time between checkout and checkin.", lambda t: t.use),
+        ("db_client_connection_create_time_seconds", "Time to open a new connection.", lambda t: t.create),
     )
-    for name, doc, attr in histograms:
+    for name, doc, histogram in histograms:
         _family(lines, name, "histogram", doc)
         for t in trackers:
-            hist: Histogram = getattr(t, attr)
+            hist = histogram(t)
             cumulative = 0
             for bound, n in zip((*BUCKETS, float("inf")), hist.counts, strict=True):
                 cumulative += n

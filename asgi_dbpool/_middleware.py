@@ -9,23 +9,20 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from . import _otel, _shutdown, _startup
+from . import _otel
 from ._advice import Topology, workers_from_env
-from ._checkout import Unit, current_unit
+from ._checkout import InFlight, current_request
 from ._connections import (
-    CLOSE_FRAME_TIMEOUT,
     POOL_EXHAUSTED,
     SERVICE_RESTART,
     SHUTTING_DOWN,
-    ConnectionTracker,
     answer_cancelled,
     overload_guard,
     respond,
 )
-from ._guard import mark_shutting_down
-from ._lifespan import InnerLifespan
-from ._monitor import PoolMonitor
-from ._registry import PGBOUNCER_MODES, name_engines, tracker_for
+from ._lifecycle import Lifecycle
+from ._options import DEFAULT_STATS_PATH, Options
+from ._registry import name_engines, tracker_for
 from ._stats import PoolStatsApp, route_path
 from ._tracker import PoolTracker
 from ._types import STATE_KEY, ASGIApp, Receive, Scope, Send
@@ -35,14 +32,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("asgi_dbpool")
 
-DEFAULT_STATS_PATH = "/api/system/database/pool"
+__all__ = ["DEFAULT_STATS_PATH", "DBPoolMiddleware"]
 
 
 class DBPoolMiddleware:
     """Wrap an ASGI app so its database engines start checked, stay observable and close in order.
 
     ``engine`` is an :class:`AsyncEngine` or a mapping of names to engines (the first is the default).
-    See the README for the shutdown sequence; every wait in it is bounded by ``shutdown_timeout``.
+    See the README for the shutdown sequence; every wait in it is bounded by ``shutdown_timeout``. A bad
+    option raises :class:`ConfigError` (a ``ValueError``) naming it, with the same rules as ``PoolSettings``.
     """
 
     def __init__(
@@ -66,63 +64,54 @@ class DBPoolMiddleware:
         max_pending: int | None = None,
     ) -> None:
         self.app = app
-        for option, value in (
-            ("monitor_interval", monitor_interval),
-            ("shutdown_timeout", shutdown_timeout),
-            ("startup_timeout", startup_timeout),
-        ):
-            if not (isinstance(value, int | float) and value > 0):
-                raise ValueError(f"asgi_dbpool: {option}={value!r} must be a positive number of seconds.")
-        if leak_threshold is not None and not (isinstance(leak_threshold, int | float) and leak_threshold > 0):
-            raise ValueError(f"asgi_dbpool: leak_threshold={leak_threshold!r} must be a positive number or None.")
-        for option, count in (
-            ("workers", workers),
-            ("pgbouncer_pool_size", pgbouncer_pool_size),
-            ("max_pending", max_pending),
-        ):
-            if count is not None and not (isinstance(count, int) and count > 0):
-                raise ValueError(f"asgi_dbpool: {option}={count!r} must be a positive whole number or None.")
-        if not (isinstance(hosts, int) and hosts > 0):
-            raise ValueError(f"asgi_dbpool: hosts={hosts!r} must be a positive whole number.")
-        if pgbouncer not in (None, "off", "session", "transaction"):
-            raise ValueError(f"asgi_dbpool: pgbouncer={pgbouncer!r} must be 'off', 'session', 'transaction' or None.")
-        if not (isinstance(retry_after, int) and retry_after >= 0):
-            raise ValueError(f"asgi_dbpool: retry_after={retry_after!r} must be a whole number of seconds (>= 0).")
-        self.retry_after = retry_after
-        if stats_path is not None and (not stats_path.startswith("/") or stats_path.rstrip("/") == ""):
-            raise ValueError(
-                f"asgi_dbpool: stats_path={stats_path!r} must start with '/' and not be '/'; or pass None."
-            )
+        self.options = options = Options(
+            stats_path=stats_path,
+            stats_token=stats_token,
+            monitor_interval=monitor_interval,
+            shutdown_timeout=shutdown_timeout,
+            startup_timeout=startup_timeout,
+            install_log_filter=install_log_filter,
+            leak_threshold=leak_threshold,
+            workers=workers,
+            hosts=hosts,
+            pgbouncer=pgbouncer,
+            pgbouncer_pool_size=pgbouncer_pool_size,
+            retry_after=retry_after,
+            max_pending=max_pending,
+        )
         named = name_engines(engine)
         for name, value in named.items():
             if not isinstance(value, AsyncEngine):
                 raise TypeError(f"asgi_dbpool: engine {name!r} must be an AsyncEngine, got {value!r}.")
         self.engines: dict[str, AsyncEngine] = named
-        self.trackers = [tracker_for(eng, name) for name, eng in named.items()]
-        self.sync_trackers = [tracker_for(eng, f"sync:{i}") for i, eng in enumerate(sync_engines)]
-        self.leak_threshold = leak_threshold
-        self.max_pending = max_pending
+        trackers = [tracker_for(eng, name) for name, eng in named.items()]
+        sync_trackers = [tracker_for(eng, f"sync:{i}") for i, eng in enumerate(sync_engines)]
         # The budget check's multipliers; WEB_CONCURRENCY is read now, so a malformed value fails at construction.
-        self.topology = Topology(workers or workers_from_env(), hosts, pgbouncer_pool_size)
-        self.pgbouncer = pgbouncer  # None: what PoolSettings.create_async_engine() recorded for each engine
-        self.running = False  # between a successful startup and the end of shutdown
-        _startup.claim(self, strict=False)
+        topology = Topology(options.workers or workers_from_env(), options.hosts, options.pgbouncer_pool_size)
+        self.lifecycle = Lifecycle(app, options, trackers, sync_trackers, topology)
+        self.retry_after = options.retry_after
+        self.stats_path = options.stats_path
         self.opentelemetry = _otel.enroll(self.all_trackers())
         self.sessionmakers = {name: async_sessionmaker(eng, expire_on_commit=False) for name, eng in named.items()}
-        self.shutdown_timeout = float(shutdown_timeout)
-        self.startup_timeout = float(startup_timeout)
-        self.install_log_filter = install_log_filter
-        self.stats_path = None if stats_path is None else stats_path.rstrip("/")
-        self.stats_app = PoolStatsApp(named, token=stats_token, shutting_down=lambda: self.shutting_down)
-        self.monitor = PoolMonitor(self.trackers, monitor_interval, stopped=lambda: self.shutting_down)
-        self.connections = ConnectionTracker()
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self.shutting_down = False
-        self.server_stopping = False  # the server's shutdown trigger fired (see shutdown_trigger)
-        self._monitor_task: asyncio.Task[None] | None = None
-        self._leak_task: asyncio.Task[None] | None = None
+        self.stats_app = PoolStatsApp(named, token=options.stats_token, shutting_down=self.lifecycle_flag)
 
     # -- public helpers ----------------------------------------------------------------------------
+    @property
+    def shutting_down(self) -> bool:
+        """True from the first step of this app's shutdown on (``request.state.asgi_dbpool.shutting_down``)."""
+        return self.lifecycle.shutting_down
+
+    def lifecycle_flag(self) -> bool:
+        return self.lifecycle.shutting_down
+
+    @property
+    def monitor(self) -> Any:
+        return self.lifecycle.monitor
+
+    @property
+    def topology(self) -> Topology:
+        return self.lifecycle.topology
+
     def sessionmaker(self, name: str | None = None) -> async_sessionmaker[AsyncSession]:
         """The ``async_sessionmaker`` of engine ``name`` (default: the first engine)."""
         if name is None:
@@ -134,9 +123,7 @@ class DBPoolMiddleware:
 
     def register_task(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
         """Have shutdown cancel and await ``task`` (step 4), before the app's own shutdown runs."""
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-        return task
+        return self.lifecycle.register(task)
 
     def shutdown_trigger(self, trigger: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
         """Wrap the ``shutdown_trigger`` of an in-process server so open WebSockets close when it fires.
@@ -149,26 +136,12 @@ class DBPoolMiddleware:
 
         async def trigger_then_close_websockets() -> None:
             await trigger()
-            self.server_stopping = True
-            deadline = asyncio.get_running_loop().time() + CLOSE_FRAME_TIMEOUT
-            closed, pending = await self.connections.close_websockets(deadline, SERVICE_RESTART)
-            logger.info(
-                "asgi_dbpool: the server is stopping: %d WebSocket(s) closed with %d%s",
-                closed,
-                SERVICE_RESTART,
-                f" ({pending} close frame(s) not taken in time)" if pending else "",
-            )
+            await self.lifecycle.server_stops(SERVICE_RESTART)
 
         return trigger_then_close_websockets
 
     def all_trackers(self) -> list[PoolTracker]:
-        return [*self.trackers, *self.sync_trackers]
-
-    def pgbouncer_mode(self, tracker: PoolTracker) -> str:
-        """``off``, ``session`` or ``transaction``: the option, else what ``PoolSettings`` recorded for the engine;
-        ``unknown`` when neither says but startup saw a connection pooler in front."""
-        mode = self.pgbouncer or PGBOUNCER_MODES.get(tracker.engine, "off")
-        return "unknown" if mode == "off" and self.pgbouncer is None and tracker.server.get("pooler") else mode
+        return self.lifecycle.all_trackers
 
     # -- ASGI --------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -187,44 +160,45 @@ class DBPoolMiddleware:
                 scope["state"] = {STATE_KEY: self}
             elif STATE_KEY not in state:
                 state[STATE_KEY] = self
+            lifecycle = self.lifecycle
             if kind == "websocket":
-                if self.shutting_down or self.server_stopping:
+                if lifecycle.shutting_down or lifecycle.server_stopping:
                     await send({"type": "websocket.close", "code": 1001})
                 else:
-                    await self.connections.websocket(self.app, scope, receive, send)
+                    await lifecycle.connections.websocket(self.app, scope, receive, send)
                 return
-            if self.shutting_down:
+            if lifecycle.shutting_down:
                 await respond(send, 503, SHUTTING_DOWN, retry_after=self.retry_after, close=True)
                 return
-            # The HTTP hot path, inline: a counter and the request's unit (see _tracker.Unit).
-            connections = self.connections
+            # The HTTP hot path, inline: a counter and the request in flight (see _checkout.InFlight).
+            connections = lifecycle.connections
             connections.http_in_flight += 1
-            unit = Unit()
-            token = current_unit.set(unit)
+            request = InFlight()
+            token = current_request.set(request)
             try:
-                await self.app(scope, receive, overload_guard(send, unit, self.retry_after))
+                await self.app(scope, receive, overload_guard(send, request, self.retry_after))
             except asyncio.CancelledError:
                 # Only a server cancels a request task: its graceful-shutdown timeout ran out, or it is
                 # force-exiting. Answer cleanly instead of a traceback and a 500 or a reset connection.
-                task = unit.task
+                task = request.task
                 if task is None:
                     raise
                 task.uncancel()
-                if not await answer_cancelled(scope, send, unit):
+                if not await answer_cancelled(scope, send, request, self.retry_after):
                     raise
             except Exception:
                 # A pool timeout (or a max_pending refusal) ended the request: 503 + Retry-After, not a 500.
-                exhausted = unit.exhausted
+                exhausted = request.exhausted
                 if exhausted is None:
                     raise
-                if unit.answered:
+                if request.answered:
                     return  # the app's own 500 was already turned into the 503 by the guarded send
                 if not await respond(send, 503, POOL_EXHAUSTED, retry_after=self.retry_after, close=False):
                     raise
                 exhausted.overload_answers += 1
             finally:
-                unit.done = True
-                current_unit.reset(token)
+                request.done = True
+                current_request.reset(token)
                 connections.http_done()
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
@@ -232,44 +206,35 @@ class DBPoolMiddleware:
             await self.app(scope, receive, send)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = await receive()
-        if message["type"] != "lifespan.startup":  # pragma: no cover - a server bug
-            raise RuntimeError(f"asgi_dbpool: expected lifespan.startup, got {message['type']!r}.")
+        """The lifespan conversation: one answer per server message, the work done by :class:`Lifecycle`.
+
+        A cancellation (uvicorn's second Ctrl+C, a server stopping during startup) closes everything and ends
+        the conversation quietly: a server prints whatever escapes here as a traceback.
+        """
         state = scope.get("state")
         if state is not None:
             state[STATE_KEY] = self
-        inner: InnerLifespan | None = None
+        lifecycle = self.lifecycle
         try:
-            try:
-                await self._startup()
-            except _startup.StartupError as exc:
-                await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                return
-            inner = InnerLifespan(self.app, scope)
-            outcome, detail = await inner.start()
-            if outcome == "failed":
-                await _shutdown.close_engines(self, _shutdown.Budget(self.shutdown_timeout))
-                await send({"type": "lifespan.startup.failed", "message": detail})
+            message = await receive()
+            if message["type"] != "lifespan.startup":  # pragma: no cover - a server bug
+                raise RuntimeError(f"asgi_dbpool: expected lifespan.startup, got {message['type']!r}.")
+            failure = await lifecycle.start(scope)
+            if failure is not None:
+                await send({"type": "lifespan.startup.failed", "message": failure})
                 return
             await send({"type": "lifespan.startup.complete"})
             message = await receive()
         except asyncio.CancelledError:
-            await _shutdown.force_close(self, inner)
-            raise
+            await lifecycle.abort()
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            return
         if message["type"] != "lifespan.shutdown":  # pragma: no cover - a server bug
             logger.warning("asgi_dbpool: expected lifespan.shutdown, got %r; shutting down anyway", message["type"])
-        answer, why = await _shutdown.shutdown(self, inner)
+        answer, why = await lifecycle.shutdown()
         if answer == "failed":
             await send({"type": "lifespan.shutdown.failed", "message": why})
         else:
             await send({"type": "lifespan.shutdown.complete"})
-
-    async def _startup(self) -> None:
-        await _startup.startup(self)
-
-    def _enter_shutdown(self) -> None:
-        self.shutting_down = True
-        mark_shutting_down()
-
-    def _own_tasks(self) -> list[asyncio.Task[Any]]:
-        return [task for task in (self._monitor_task, self._leak_task) if task is not None]

@@ -31,8 +31,6 @@ class PoolMonitor:
     def __init__(
         self, trackers: Sequence[PoolTracker], interval: float, stopped: Callable[[], bool] = lambda: False
     ) -> None:
-        if not interval > 0:
-            raise ValueError(f"monitor_interval={interval!r} must be a positive number of seconds.")
         self.trackers = trackers
         self.interval = interval
         self.stopped = stopped

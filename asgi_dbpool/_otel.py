@@ -35,8 +35,9 @@ def enroll(trackers: Iterable[PoolTracker]) -> bool:
     for tracker in trackers:
         _trackers.add(tracker)
         attributes = {POOL: tracker.name}
-        for attr, name in (("wait", "wait_time"), ("use", "use_time"), ("create", "create_time")):
-            getattr(tracker, attr).otel = (_HISTOGRAMS[name], attributes) if configured else None
+        timings = (("wait_time", tracker.acquisition.wait), ("use_time", tracker.use), ("create_time", tracker.create))
+        for name, histogram in timings:
+            histogram.otel = (_HISTOGRAMS[name], attributes) if configured else None
     return True
 
 
@@ -67,10 +68,10 @@ def _register(meter: Any, observation: Any) -> None:
         "db.client.connection.idle.max", callbacks=[observe(lambda t: t.pool_size())], unit=unit
     )
     meter.create_observable_up_down_counter(
-        "db.client.connection.pending_requests", callbacks=[observe(lambda t: t.pending)], unit="{request}"
+        "db.client.connection.pending_requests", callbacks=[observe(lambda t: t.acquisition.pending)], unit="{request}"
     )
     meter.create_observable_counter(
-        "db.client.connection.timeouts", callbacks=[observe(lambda t: t.timeouts)], unit="{timeout}"
+        "db.client.connection.timeouts", callbacks=[observe(lambda t: t.acquisition.timeouts)], unit="{timeout}"
     )
     for name in ("wait_time", "use_time", "create_time"):
         _HISTOGRAMS[name] = meter.create_histogram(f"db.client.connection.{name}", unit="s")

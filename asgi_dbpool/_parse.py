@@ -30,30 +30,56 @@ def mask_url(url: str | URL) -> str:
         return _PASSWORD.sub(r"\1***@", str(url))
 
 
-def whole(name: str, raw: str, *, minimum: int, maximum: int = MAX_CONNECTIONS) -> int:
-    text = raw.strip()
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise ConfigError(
-            f"{name}={raw!r} is not a whole number; set it to an integer from {minimum} to {maximum}."
-        ) from None
+# Each rule takes the raw value as given (an environment string, or a typed keyword argument) and names it
+# in the error as given: the environment and the keyword arguments share the rules and the wording.
+
+
+def whole(name: str, raw: object, *, minimum: int, maximum: int = MAX_CONNECTIONS) -> int:
+    value: int | None = None
+    if isinstance(raw, str):
+        try:
+            value = int(raw.strip(), 10)
+        except ValueError:
+            value = None
+    elif isinstance(raw, int) and not isinstance(raw, bool):
+        value = raw
+    if value is None:
+        raise ConfigError(f"{name}={raw!r} is not a whole number; set it to an integer from {minimum} to {maximum}.")
     if not minimum <= value <= maximum:
         raise ConfigError(f"{name}={raw!r} is out of range; set it to an integer from {minimum} to {maximum}.")
     return value
 
 
-def seconds(name: str, raw: str, *, allow_zero: bool) -> float:
-    text = raw.strip()
-    try:
-        value = float(text)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number of seconds; set it to e.g. 30 or 2.5.") from None
+def seconds(name: str, raw: object, *, allow_zero: bool) -> float:
+    value: float | None = None
+    if isinstance(raw, str):
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            value = None
+    elif isinstance(raw, int | float) and not isinstance(raw, bool):
+        value = float(raw)
+    if value is None:
+        raise ConfigError(f"{name}={raw!r} is not a number of seconds; set it to e.g. 30 or 2.5.")
     low = 0.0 if allow_zero else math.ulp(0.0)
     if not (math.isfinite(value) and low <= value <= MAX_SECONDS):
         bound = "0 (off)" if allow_zero else "a positive number"
         raise ConfigError(f"{name}={raw!r} is out of range; set it to {bound} up to {MAX_SECONDS:g} seconds.")
     return value
+
+
+def optional_whole(name: str, raw: object, *, maximum: int = MAX_CONNECTIONS) -> int | None:
+    """A whole number from 1, or off: ``None`` or 0."""
+    if raw is None:
+        return None
+    return whole(name, raw, minimum=0, maximum=maximum) or None
+
+
+def optional_seconds(name: str, raw: object) -> float | None:
+    """A positive number of seconds, or off: ``None`` or 0."""
+    if raw is None:
+        return None
+    return seconds(name, raw, allow_zero=True) or None
 
 
 def boolean(name: str, raw: str) -> bool:
@@ -79,14 +105,14 @@ def url_value(name: str, raw: str, drivers: frozenset[str]) -> str:
     return raw.strip()
 
 
-def pgbouncer_mode(name: str, raw: str) -> str:
-    text = raw.strip().lower()
+def pgbouncer_mode(name: str, raw: object) -> str:
+    text = raw.strip().lower() if isinstance(raw, str) else None
     if text not in ("off", "session", "transaction"):
         raise ConfigError(f"{name}={raw!r} is not a PgBouncer pooling mode; use off, session or transaction.")
-    return text
+    return str(text)
 
 
-def workers_value(name: str, raw: str) -> int:
+def workers_value(name: str, raw: object) -> int:
     """``WEB_CONCURRENCY`` (the worker count uvicorn and gunicorn read too): a whole number from 1."""
     return whole(name, raw, minimum=1, maximum=MAX_WORKERS)
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import URL, make_url
 
+from ._options import MiddlewareOptions, Options
 from ._parse import (
     ASYNC_DRIVERS,
     MAX_SECONDS,
@@ -48,14 +49,14 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "leak_threshold": 0.0,
     "retry_after": 1,
     "max_pending": 0,
-    "pgbouncer": "off",
+    "pgbouncer": None,
     "pgbouncer_pool_size": 0,
     "workers": 0,
     "hosts": 1,
 }
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
 class PoolSettings:
     """Pool options, validated; build them with :meth:`from_env` or directly."""
 
@@ -69,7 +70,7 @@ class PoolSettings:
     leak_threshold: float = 0.0  # seconds a checkout may last before it is reported; 0 turns it off
     retry_after: int = 1  # the Retry-After of a 503 for an exhausted pool
     max_pending: int = 0  # fail a checkout at once when this many tasks already wait; 0 turns it off
-    pgbouncer: str = "off"  # "transaction" when PgBouncer runs in transaction pooling mode in front
+    pgbouncer: str | None = None  # "transaction" with PgBouncer in transaction mode; None: not said (detected)
     pgbouncer_pool_size: int = 0  # PgBouncer's server connections for this database/user; 0 = not known
     workers: int = 0  # workers per host, for the budget check; 0 = unset (the middleware reads WEB_CONCURRENCY)
     hosts: int = 1  # hosts running this app against the same database, for the budget check
@@ -77,19 +78,14 @@ class PoolSettings:
     database_url: str | None = None
 
     def __post_init__(self) -> None:
-        # Re-validate typed values through the same parsers the environment goes through.
-        whole("pool_size", str(self.pool_size), minimum=1)
-        whole("max_overflow", str(self.max_overflow), minimum=0)
-        whole("pool_recycle", str(self.pool_recycle), minimum=0, maximum=int(MAX_SECONDS))
-        seconds("pool_timeout", str(self.pool_timeout), allow_zero=False)
-        seconds("query_timeout", str(self.query_timeout), allow_zero=True)
-        seconds("leak_threshold", str(self.leak_threshold), allow_zero=True)
-        whole("retry_after", str(self.retry_after), minimum=0, maximum=3600)
-        whole("max_pending", str(self.max_pending), minimum=0)
-        pgbouncer_mode("pgbouncer", self.pgbouncer)
-        whole("pgbouncer_pool_size", str(self.pgbouncer_pool_size), minimum=0)
-        whole("workers", str(self.workers), minimum=0, maximum=MAX_WORKERS)
-        whole("hosts", str(self.hosts), minimum=1, maximum=MAX_WORKERS)
+        # Typed values go through the same rules as the environment; the middleware's own options through the
+        # middleware's (one Options check, so both ways give the same ConfigError).
+        whole("pool_size", self.pool_size, minimum=1)
+        whole("max_overflow", self.max_overflow, minimum=0)
+        whole("pool_recycle", self.pool_recycle, minimum=0, maximum=int(MAX_SECONDS))
+        seconds("pool_timeout", self.pool_timeout, allow_zero=False)
+        seconds("query_timeout", self.query_timeout, allow_zero=True)
+        Options(**self.middleware_options())
         if self.async_database_url is not None:
             url_value("async_database_url", self.async_database_url, ASYNC_DRIVERS)
         if self.database_url is not None:
@@ -134,17 +130,26 @@ class PoolSettings:
                 values[field] = read(variable, env[variable])
         return cls(environment=environment, **values)
 
-    def middleware_options(self) -> dict[str, Any]:
+    def middleware_options(self) -> MiddlewareOptions:
         """The ``DBPoolMiddleware`` options these settings stand for: ``DBPoolMiddleware(app, engine, **it)``."""
-        return {
-            "leak_threshold": self.leak_threshold or None,
-            "retry_after": self.retry_after,
-            "max_pending": self.max_pending or None,
-            "workers": self.workers or None,
-            "hosts": self.hosts,
-            "pgbouncer": None if self.pgbouncer == "off" else self.pgbouncer,  # None: a pooler found is reported
-            "pgbouncer_pool_size": self.pgbouncer_pool_size or None,
-        }
+        return MiddlewareOptions(
+            leak_threshold=self.leak_threshold or None,
+            retry_after=self.retry_after,
+            max_pending=self.max_pending or None,
+            workers=self.workers or None,
+            hosts=self.hosts,
+            pgbouncer=self.pgbouncer,  # None (DB_PGBOUNCER unset): a pooler found at startup is reported
+            pgbouncer_pool_size=self.pgbouncer_pool_size or None,
+        )
+
+    def __repr__(self) -> str:
+        fields = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name.endswith("database_url") and value is not None:
+                value = mask_url(value)  # the password never reaches a log line or a traceback
+            fields.append(f"{field.name}={value!r}")
+        return f"PoolSettings({', '.join(fields)})"
 
     def engine_options(self) -> dict[str, Any]:
         """The ``create_engine`` pool options these settings stand for."""
@@ -187,10 +192,10 @@ class PoolSettings:
             connect_args.setdefault("statement_cache_size", 0)
             connect_args.setdefault("prepared_statement_name_func", _unique_statement_name)
         engine = create_async_engine(target, **{**self.engine_options(), "connect_args": connect_args, **kwargs})
-        if self.pgbouncer != "off":
+        if self.pgbouncer is not None:
             from ._registry import PGBOUNCER_MODES
 
-            PGBOUNCER_MODES[engine.sync_engine] = self.pgbouncer  # the middleware's budget check reads it
+            PGBOUNCER_MODES[engine.sync_engine] = self.pgbouncer  # what the middleware's budget check reads
         return engine
 
     def create_sync_engine(self, url: str | URL | None = None, **kwargs: Any) -> Engine:

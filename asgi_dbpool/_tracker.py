@@ -13,9 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
-from ._acquire import PoolClosedError, PoolOverloadedError, instrument
-from ._checkout import Checkout, _current_task, _on_session_commit, checkout_site, checkout_stack, current_unit
-from ._metrics import Histogram
+from ._acquire import Acquisition, PoolClosedError, PoolOverloadedError
+from ._checkout import Checkout, checkout_site, checkout_stack, current_request, current_task, on_session_commit
+from ._histogram import Histogram
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -29,8 +29,8 @@ logger = logging.getLogger("asgi_dbpool")
 class PoolTracker:
     """Listens to one engine's pool; survives ``engine.dispose()`` (events follow the recreated pool).
 
-    Pool events give checkouts, checkins, invalidations and connection creation; the pool's ``_do_get`` is
-    wrapped (per pool instance, see :mod:`._acquire`) for what no event shows: who waits, how long, timeouts.
+    Pool events give checkouts, checkins, invalidations and connection creation; what no event shows (who
+    waits, how long, timeouts, the shutdown refusal) is the pool's :class:`Acquisition` (see :mod:`._acquire`).
     """
 
     def __init__(self, engine: Engine | AsyncEngine, name: str) -> None:
@@ -40,22 +40,16 @@ class PoolTracker:
         self.engine: Engine = engine
         self.name = name
         self.checkouts: dict[int, Checkout] = {}
-        self.invalidations = self.reclaimed = self.timeouts = self.leaks = self.pending = 0
+        self.invalidations = self.reclaimed = self.leaks = 0
         self.checked_out_max = self.overflow_max = self.checkouts_total = self.overflow_checkouts = 0
         self.server: dict[str, int] = {}  # server settings read at startup (budget check, advice)
-        self.wait, self.use, self.create = Histogram(), Histogram(), Histogram()
+        self.use, self.create = Histogram(), Histogram()
+        self.acquisition = Acquisition(name, self.exhausted)
         self.leak_threshold: float | None = None  # seconds; set by the middleware (stacks captured only then)
-        self.max_pending: int | None = None  # fail fast beyond this many waiting tasks; set by the middleware
-        self.owner: weakref.ref[Any] | None = None  # the DBPoolMiddleware whose options apply (see _startup.claim)
-        self.rejected = 0  # checkouts refused by max_pending
+        self.owner: weakref.ref[Any] | None = None  # the Lifecycle whose options apply (see Lifecycle.claim)
         self.overload_answers = 0  # 503s the middleware answered because this pool was exhausted
         self.overloaded = False
-        self.closed = False
         self._reclaiming: set[int] = set()
-        # Tasks between asking the pool and the checkout event (waiting in the queue, or pre-pinging a record):
-        # they hold, or are about to hold, a connection no checkout event has shown yet (see _acquire).
-        self.acquiring: set[asyncio.Task[Any]] = set()
-        self.starting: dict[int, asyncio.Task[Any]] = {}
         self._connecting: dict[int, float] = {}
         self._instrumented: Any = None
         self._instrument(engine.pool)
@@ -65,26 +59,27 @@ class PoolTracker:
         event.listen(engine, "invalidate", self._on_invalidate)
         event.listen(engine, "do_connect", self._on_do_connect)
         event.listen(engine, "connect", self._on_connect)
-        if not event.contains(Session, "before_commit", _on_session_commit):
-            event.listen(Session, "before_commit", _on_session_commit)
+        if not event.contains(Session, "before_commit", on_session_commit):
+            event.listen(Session, "before_commit", on_session_commit)
 
     def _instrument(self, pool: Any) -> None:
-        instrument(self, pool)
+        self.acquisition.instrument(pool)
         self._instrumented = pool
 
     # -- pool events -------------------------------------------------------------------------
     def _on_checkout(self, dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection) -> None:
-        self.starting.pop(id(record), None)
-        if self.closed:
+        acquisition = self.acquisition
+        acquisition.starting.pop(id(record), None)
+        if acquisition.closed:
             # SQLAlchemy closes the pooled connection it was about to hand out (gracefully: we are in its greenlet).
-            raise self.refusal()
+            raise acquisition.refusal()
         pool: Any = self.engine.pool
         if pool is not self._instrumented:  # engine.dispose() made a new pool
             self._instrument(pool)
         stack = checkout_stack() if self.leak_threshold is not None else None
         checkouts = self.checkouts
         checkouts[id(record)] = Checkout(
-            record, weakref.ref(proxy), _current_task(), checkout_site(), current_unit.get(), stack
+            record, weakref.ref(proxy), current_task(), checkout_site(), current_request.get(), stack
         )
         self.checkouts_total += 1
         if len(checkouts) > self.checked_out_max:
@@ -96,10 +91,10 @@ class PoolTracker:
                 self.overflow_max = overflow
 
     def _on_checkin(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        if self.overloaded and not self.pending:  # a connection is free and nobody waits: the episode is over
+        if self.overloaded and not self.acquisition.pending:  # a connection is free and nobody waits: it is over
             self.overloaded = False
             logger.info("asgi_dbpool: engine %r: pool no longer exhausted (%s)", self.name, self._figures())
-        self.starting.pop(id(record), None)
+        self.acquisition.starting.pop(id(record), None)
         checkout = self.checkouts.pop(id(record), None)
         if checkout is not None:
             held = time.monotonic() - checkout.since
@@ -116,12 +111,12 @@ class PoolTracker:
         self.checkouts.pop(id(record), None)
 
     def _on_invalidate(self, dbapi_connection: Any, record: ConnectionPoolEntry, exc: BaseException | None) -> None:
-        if not self.closed and id(record) not in self._reclaiming:
+        if not self.acquisition.closed and id(record) not in self._reclaiming:
             self.invalidations += 1
 
     def _on_do_connect(self, dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
-        if self.closed:
-            raise self.refusal()
+        if self.acquisition.closed:
+            raise self.acquisition.refusal()
         self._connecting[id(record)] = time.perf_counter()
 
     def _on_connect(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
@@ -129,13 +124,11 @@ class PoolTracker:
         if started is not None:
             self.create.observe(time.perf_counter() - started)
 
-    def exhausted(self, rejected: bool) -> None:
-        """A checkout timed out or was refused: mark the request (its error becomes a 503), count, warn once."""
-        if rejected:
-            self.rejected += 1
-        unit = current_unit.get()
-        if unit is not None:
-            unit.exhausted = self
+    def exhausted(self) -> None:
+        """A checkout timed out or was refused: mark the request (its error becomes a 503), warn once."""
+        request = current_request.get()
+        if request is not None:
+            request.exhausted = self
         if not self.overloaded:
             self.overloaded = True
             logger.warning(
@@ -145,16 +138,10 @@ class PoolTracker:
             )
 
     def _figures(self) -> str:
-        snap = self.snapshot()
+        snap, acquisition = self.snapshot(), self.acquisition
         return (
             f"pool_size={snap['pool_size']}, checked_out={snap['checked_out']}, overflow={snap['overflow']}, "
-            f"waiting={self.pending}, timeouts={self.timeouts}, rejected={self.rejected}"
-        )
-
-    def refusal(self) -> PoolClosedError:
-        return PoolClosedError(
-            f"asgi_dbpool: engine {self.name!r} is closed for shutdown; no database connection is handed out or "
-            "opened now. Finish database work before the app's lifespan shutdown completes."
+            f"waiting={acquisition.pending}, timeouts={acquisition.timeouts}, rejected={acquisition.rejected}"
         )
 
     def pool_size(self) -> int:
@@ -184,7 +171,7 @@ class PoolTracker:
     def owners(self, current: asyncio.Task[Any] | None) -> set[asyncio.Task[Any]]:
         """Running tasks working with a connection of this engine, or getting one (``current`` left out)."""
         held = {c.owner for c in self.checkouts.values() if not c.is_leak(current)}
-        getting = {*self.acquiring, *self.starting.values()}
+        getting = self.acquisition.holders()
         return {t for t in held | getting if t is not None and t is not current and not t.done()}
 
     # -- closing -----------------------------------------------------------------------------
@@ -223,17 +210,15 @@ class PoolTracker:
 
     def refuse_checkouts(self) -> None:
         """From now on every checkout fails at once with :class:`PoolClosedError` (until :meth:`reopen`)."""
-        self.closed = True
+        self.acquisition.closed = True
 
     async def dispose(self) -> None:
         """Close every pooled connection (checkouts are refused from here on)."""
-        self.closed = True
+        self.acquisition.closed = True
         if self.async_engine is not None:
             await self.async_engine.dispose(close=True)
         else:
             await asyncio.to_thread(self.engine.dispose, close=True)
 
     def reopen(self) -> None:
-        self.closed = False
-        for key in [key for key, task in self.starting.items() if task.done()]:
-            del self.starting[key]  # in place: the pool wrapper holds this dict
+        self.acquisition.reopen()

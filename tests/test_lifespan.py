@@ -199,7 +199,7 @@ async def test_a_second_running_middleware_on_one_engine_is_refused(
     other's options and one would close the engine under the other. The second one's startup fails instead."""
     engine = make_engine()
     first = DBPoolMiddleware(Starlette(), engine, leak_threshold=5)
-    tracker = first.trackers[0]
+    tracker = first.all_trackers()[0]
     expected = (
         "asgi_dbpool: engine 'default' at postgresql+asyncpg://postgres:***@/postgres?host=",
         " is already managed by another running DBPoolMiddleware; wrap the app once (one middleware per engine) "
@@ -207,7 +207,7 @@ async def test_a_second_running_middleware_on_one_engine_is_refused(
     )
     async with LifespanManager(first):
         second = DBPoolMiddleware(Starlette(), engine, max_pending=3)
-        assert (tracker.leak_threshold, tracker.max_pending) == (5, None)  # the running owner's options stay
+        assert (tracker.leak_threshold, tracker.acquisition.max_pending) == (5, None)  # the running owner's options stay
         driver = LifespanDriver(second)
         answer = await driver.startup()
         await driver.task  # type: ignore[misc]
@@ -219,7 +219,7 @@ async def test_a_second_running_middleware_on_one_engine_is_refused(
         nested = DBPoolMiddleware(DBPoolMiddleware(Starlette(), engine), engine)
     # Sequentially, one after the other, is fine: a restarted app takes the engine over with its options.
     async with LifespanManager(second):
-        assert (tracker.leak_threshold, tracker.max_pending) == (None, 3)
+        assert (tracker.leak_threshold, tracker.acquisition.max_pending) == (None, 3)
     # Wrapping twice: the inner middleware's startup fails, and the outer forwards it.
     driver = LifespanDriver(nested)
     answer = await driver.startup()

@@ -96,7 +96,7 @@ async def test_monitor_runs_under_the_middleware_and_stops_at_shutdown(make_engi
     async with LifespanManager(app):
         while app.monitor.ticks < 2:  # noqa: ASYNC110 - waiting for the monitor's own counter
             await asyncio.sleep(0.005)
-        task = app._monitor_task
+        task = app.lifecycle.monitor_task
     assert task is not None
     assert task.done()
     ticks = app.monitor.ticks
@@ -104,9 +104,9 @@ async def test_monitor_runs_under_the_middleware_and_stops_at_shutdown(make_engi
     assert app.monitor.ticks == ticks
 
 
-def test_monitor_rejects_a_bad_interval() -> None:
-    with pytest.raises(ValueError, match="monitor_interval=0 must be a positive number"):
-        PoolMonitor([], interval=0)
+async def test_the_middleware_rejects_a_bad_monitor_interval(make_engine: Callable[..., AsyncEngine]) -> None:
+    with pytest.raises(ValueError, match=r"^monitor_interval=0 is out of range; set it to a positive number up to"):
+        DBPoolMiddleware(Starlette(), make_engine(), monitor_interval=0)
 
 
 async def test_stats_endpoint_reports_the_pool(make_engine: Callable[..., AsyncEngine], database_url: str) -> None:

@@ -92,8 +92,8 @@ async def test_pool_timeout_becomes_503_with_retry_after(
         if response.status_code == 503:
             assert response.headers["retry-after"] == "3"
             assert response.json() == {"detail": "the database connection pool is exhausted; retry later"}
-    tracker = app.trackers[0]
-    assert tracker.timeouts == statuses.count(503)
+    tracker = app.all_trackers()[0]
+    assert tracker.acquisition.timeouts == statuses.count(503)
     assert tracker.overload_answers == statuses.count(503)
     exhausted = [r.getMessage() for r in caplog.records if "pool exhausted" in r.getMessage()]
     assert len(exhausted) == 1  # one WARNING per episode
@@ -114,13 +114,13 @@ async def test_max_pending_fails_fast(make_engine: Callable[..., AsyncEngine]) -
     app = DBPoolMiddleware(starlette_app(engine), engine, max_pending=2)
     responses = await burst(app)
     statuses = [r.status_code for r in responses]
-    tracker = app.trackers[0]
+    tracker = app.all_trackers()[0]
     # 2 hold connections; while 2 are pending (waiting, or opening the second connection) the rest are refused
     # at once: nobody waits out the 5 s timeout
-    assert tracker.timeouts == 0
+    assert tracker.acquisition.timeouts == 0
     assert statuses.count(200) in (3, 4)
-    assert tracker.rejected == statuses.count(503) == 20 - statuses.count(200)
-    assert tracker.wait.count == 1 + 1 + statuses.count(200)  # startup ping, server read, and each request served
+    assert tracker.acquisition.rejected == statuses.count(503) == 20 - statuses.count(200)
+    assert tracker.acquisition.wait.count == 1 + 1 + statuses.count(200)  # startup ping, server read, and each request served
 
 
 async def test_settings_carry_the_overload_options() -> None:

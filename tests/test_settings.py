@@ -147,7 +147,7 @@ def test_url_errors_mask_the_password() -> None:
 
 
 def test_typed_construction_is_validated_too() -> None:
-    with pytest.raises(ConfigError, match=r"pool_size='-3' is out of range"):
+    with pytest.raises(ConfigError, match=r"^pool_size=-3 is out of range; set it to an integer from 1 to 10000\.$"):
         PoolSettings(pool_size=-3)
 
 

@@ -321,8 +321,8 @@ async def test_force_exit_still_closes_connections(
     assert await backends(database_url, make_engine.name_of(engine)) == 2  # type: ignore[attr-defined]
     assert driver.task is not None
     driver.task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await driver.task
+    await driver.task  # ends quietly: a server prints whatever escapes the lifespan as a traceback
+    assert not driver.task.cancelled()
     assert driver.types() == ["lifespan.startup.complete"]
     assert task.cancelled()
     log = messages(caplog)
@@ -502,12 +502,12 @@ async def test_tasks_waiting_for_a_connection_are_stopped_before_dispose(
             outcome["waiter"] = "refused after the pool gave it a record"
 
     app = DBPoolMiddleware(returning_app, engine, shutdown_timeout=5)
-    tracker = app.trackers[0]
+    tracker = app.all_trackers()[0]
     caplog.set_level(logging.INFO, logger="asgi_dbpool")
     async with LifespanManager(app):
         tasks = [asyncio.create_task(holder(), name="holder"), asyncio.create_task(waiter(), name="waiter")]
         await holding.wait()
-        while tracker.pending == 0:  # noqa: ASYNC110 - the waiter is in the pool's queue now
+        while tracker.acquisition.pending == 0:  # noqa: ASYNC110 - the waiter is in the pool's queue now
             await asyncio.sleep(0.005)
     # Both were stopped, and had finished, before the lifespan answered.
     assert [t.cancelled() for t in tasks] == [True, True]
@@ -515,7 +515,7 @@ async def test_tasks_waiting_for_a_connection_are_stopped_before_dispose(
     names = f"holder ({holder.__qualname__}), waiter ({waiter.__qualname__})"
     assert f"asgi_dbpool: cancelling 2 task(s) still holding connections: {names}" in messages(caplog)
     assert messages(caplog, logging.WARNING) == []
-    assert (tracker.acquiring, tracker.starting) == (set(), {})
+    assert (tracker.acquisition.acquiring, tracker.acquisition.starting) == (set(), {})
     assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
 
 

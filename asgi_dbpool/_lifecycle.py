@@ -1,0 +1,265 @@
+"""The database lifecycle of one wrapped app: its state, its tasks and every transition, in one object.
+
+States: ``new`` -> ``starting`` -> ``running`` -> ``stopping`` -> ``stopped``; a failed or cancelled startup
+goes straight to ``stopped`` after closing what it opened. Each transition leaves nothing running or open
+(monitor, leak detection, registered tasks, the wrapped app's lifespan, every engine's connections) and
+returns the one answer the middleware gives the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from . import _guard, _logfilter
+from ._advice import Topology
+from ._connections import CLOSE_FRAME_TIMEOUT, ConnectionTracker
+from ._lifespan import InnerLifespan, Outcome, one_line
+from ._monitor import PoolMonitor
+from ._options import Options
+from ._parse import mask_url
+from ._registry import PGBOUNCER_MODES
+from ._shutdown import FORCE_EXIT_BUDGET, ShutdownClock, close_engines
+from ._startup import StartupError, check_budget, check_reachable, pool_logger_names, watch_leaks
+from ._tracker import PoolTracker
+from ._types import ASGIApp, Scope
+
+logger = logging.getLogger("asgi_dbpool")
+
+State = Literal["new", "starting", "running", "stopping", "stopped"]
+
+
+class Lifecycle:
+    """Owns one app's database lifecycle; the middleware speaks ASGI and calls :meth:`start`, :meth:`shutdown`
+    and :meth:`abort`, each of which returns (or raises) exactly once and leaves nothing behind."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        options: Options,
+        trackers: Sequence[PoolTracker],
+        sync_trackers: Sequence[PoolTracker],
+        topology: Topology,
+    ) -> None:
+        self.app = app
+        self.options = options
+        self.trackers = list(trackers)
+        self.all_trackers = [*trackers, *sync_trackers]
+        self.topology = topology
+        self.connections = ConnectionTracker()
+        self.monitor = PoolMonitor(self.trackers, options.monitor_interval, stopped=lambda: self.shutting_down)
+        self.state: State = "new"
+        self.shutting_down = False  # read per request: a plain attribute, set with the state
+        self.server_stopping = False  # the server's shutdown trigger fired (see DBPoolMiddleware.shutdown_trigger)
+        self.tasks: set[asyncio.Task[Any]] = set()  # registered by the app: cancelled before its own shutdown
+        self.monitor_task: asyncio.Task[None] | None = None
+        self.leak_task: asyncio.Task[None] | None = None
+        self.inner: InnerLifespan | None = None
+        self.claim(strict=False)
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    @property
+    def active(self) -> bool:
+        """Starting, running or stopping: it owns its engines now."""
+        return self.state in ("starting", "running", "stopping")
+
+    # -- engines and options ------------------------------------------------------------------
+    def claim(self, *, strict: bool) -> None:
+        """Make this lifecycle the owner of its engines' trackers, so its pool options apply.
+
+        One engine has one owner at a time: a second middleware *running* on it would apply its own options and
+        dispose the engine under the first at its shutdown. ``strict`` (at startup) refuses that; at construction
+        a running owner keeps its options until this one starts.
+        """
+        for tracker in self.all_trackers:
+            owner = tracker.owner() if tracker.owner is not None else None
+            if owner is not None and owner is not self and owner.active:
+                if not strict:
+                    return
+                raise StartupError(
+                    f"asgi_dbpool: engine {tracker.name!r} at {mask_url(tracker.engine.url)} is already managed by "
+                    "another running DBPoolMiddleware; wrap the app once (one middleware per engine) or give each "
+                    "app its own engine"
+                )
+        for tracker in self.all_trackers:
+            tracker.owner = weakref.ref(self)
+            tracker.leak_threshold = self.options.leak_threshold
+            tracker.acquisition.max_pending = self.options.max_pending
+
+    def pgbouncer_mode(self, tracker: PoolTracker) -> str:
+        """``off``, ``session`` or ``transaction``: the option, else what ``PoolSettings`` recorded for the engine;
+        ``unknown`` when neither says but startup saw a connection pooler in front."""
+        said = self.options.pgbouncer or PGBOUNCER_MODES.get(tracker.engine)
+        if said is not None:
+            return said
+        return "unknown" if tracker.server.get("pooler") else "off"
+
+    def register(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    # -- transitions --------------------------------------------------------------------------
+    async def start(self, scope: Scope) -> str | None:
+        """Our startup, then the wrapped app's; ``None`` when both completed, else the one line for
+        ``lifespan.startup.failed`` (everything opened is closed again before it returns).
+
+        A cancellation (the server stopping during startup) propagates; the caller then calls :meth:`abort`.
+        """
+        try:
+            self.claim(strict=True)
+        except StartupError as exc:  # the engines are another running app's: nothing here to close
+            return str(exc)
+        self.state = "starting"
+        self.shutting_down = self.server_stopping = False
+        _guard.app_started(id(self))
+        try:
+            await self._start_ours()
+            self.inner = InnerLifespan(self.app, scope)
+            outcome, detail = await self.inner.start()
+        except StartupError as exc:
+            failure = str(exc)
+        except Exception as exc:  # any other failure answers startup.failed too, never silence
+            logger.error("asgi_dbpool: startup failed", exc_info=exc)
+            failure = f"asgi_dbpool: startup failed: {one_line(exc)}"
+        else:
+            if outcome != "failed":
+                self.state = "running"
+                return None
+            failure = detail
+        await self._close_quietly()
+        return failure
+
+    async def shutdown(self) -> tuple[Outcome, str]:
+        """The ordered shutdown, every step bounded by ``shutdown_timeout``; returns the wrapped app's answer."""
+        clock = ShutdownClock(self.options.shutdown_timeout)
+        self._enter_shutdown()  # 1. the flag first
+        logger.info("asgi_dbpool: shutdown flag set (budget %.1fs)", clock.seconds)
+        await self._close_websockets(clock)  # 2.
+        await self._drain_requests(clock)  # 3.
+        stopped = await clock.cancel_and_wait(  # 4.
+            [*self._own_tasks(), *self.tasks], "the monitor and registered tasks", clock.app_deadline
+        )
+        logger.info("asgi_dbpool: monitor and %d registered task(s) stopped", max(stopped - len(self._own_tasks()), 0))
+        answer: tuple[Outcome, str] = ("not running", "")
+        if self.inner is not None:  # 5. the wrapped app's own shutdown (it may still use the database)
+            answer = await self.inner.stop(clock.left(clock.app_deadline))
+            if answer[0] == "timeout":
+                logger.warning("asgi_dbpool: %s; it was cancelled", answer[1])
+        await close_engines(self.all_trackers, clock)  # 6-7. refuse checkouts, reclaim, dispose
+        self._stopped()
+        logger.info("asgi_dbpool: shutdown finished in %.3fs", clock.elapsed())
+        return answer
+
+    async def abort(self) -> None:
+        """The server cancelled the lifespan (a forced exit, or a stop during startup): close everything now,
+        within ``min(shutdown_timeout, FORCE_EXIT_BUDGET)``."""
+        clock = ShutdownClock(min(self.options.shutdown_timeout, FORCE_EXIT_BUDGET))
+        self._enter_shutdown()
+        logger.info("asgi_dbpool: lifespan cancelled without a shutdown message; closing connections now")
+        await self.connections.close_websockets(clock.drain_deadline)
+        if self.inner is not None:
+            self.inner.cancel()
+        await clock.wait(self.connections.wait_websockets(), "WebSocket handlers", clock.drain_deadline)
+        await clock.cancel_and_wait(
+            [*self._own_tasks(), *self.tasks], "the monitor and registered tasks", clock.app_deadline
+        )
+        await close_engines(self.all_trackers, clock)
+        self._stopped()
+
+    async def server_stops(self, code: int) -> None:
+        """The server began to stop (its shutdown trigger fired): close open WebSockets with ``code``; refuse more."""
+        self.server_stopping = True
+        deadline = asyncio.get_running_loop().time() + CLOSE_FRAME_TIMEOUT
+        closed, pending = await self.connections.close_websockets(deadline, code)
+        logger.info(
+            "asgi_dbpool: the server is stopping: %d WebSocket(s) closed with %d%s",
+            closed,
+            code,
+            f" ({pending} close frame(s) not taken in time)" if pending else "",
+        )
+
+    # -- steps ---------------------------------------------------------------------------------
+    async def _start_ours(self) -> None:
+        for tracker in self.all_trackers:
+            tracker.reopen()
+        await check_reachable(self.all_trackers, self.options.startup_timeout)
+        await check_budget(self.trackers, self.topology, self.pgbouncer_mode)
+        if self.options.install_log_filter:
+            _logfilter.install(pool_logger_names(self.all_trackers))
+        self.monitor_task = asyncio.create_task(self.monitor.run(), name="asgi_dbpool: pool monitor")
+        if self.options.leak_threshold is not None:
+            self.leak_task = asyncio.create_task(
+                watch_leaks(self.all_trackers, self.options.leak_threshold), name="asgi_dbpool: leak detection"
+            )
+        logger.info("asgi_dbpool: %d engine(s) reachable; pool monitor started", len(self.all_trackers))
+
+    async def _close_websockets(self, clock: ShutdownClock) -> None:
+        """Close (idempotently) and wait for their handlers, which usually hold sessions."""
+        connections = self.connections
+        open_sockets = len(connections.websockets)
+        closed, pending = await connections.close_websockets(clock.drain_deadline)
+        if pending:
+            logger.warning(
+                "asgi_dbpool: the server did not take the close frame of %d WebSocket(s) within %.1fs; their "
+                "handlers were interrupted anyway",
+                pending,
+                CLOSE_FRAME_TIMEOUT,
+            )
+        await clock.wait(
+            connections.wait_websockets(),
+            "WebSocket handlers",
+            clock.drain_deadline,
+            lambda: f"{len(connections.websockets)} handler(s)",
+        )
+        logger.info(
+            "asgi_dbpool: %d WebSocket(s) closed (%d were open, %d already closed by the server)",
+            closed,
+            open_sockets,
+            open_sockets - closed - pending,
+        )
+
+    async def _drain_requests(self, clock: ShutdownClock) -> None:
+        connections = self.connections
+        in_flight = connections.http_in_flight
+        await clock.wait(
+            connections.wait_http(),
+            "in-flight HTTP requests",
+            clock.drain_deadline,
+            lambda: f"{connections.http_in_flight} request(s)",
+        )
+        logger.info("asgi_dbpool: %d in-flight request(s) drained", in_flight - connections.http_in_flight)
+
+    async def _close_quietly(self) -> None:
+        """After a failed startup: stop what it started and close the engines (progress at DEBUG only: the
+        server reports the failure in one line)."""
+        clock = ShutdownClock(min(self.options.shutdown_timeout, FORCE_EXIT_BUDGET))
+        self._enter_shutdown()
+        if self.inner is not None:
+            self.inner.cancel()
+            await clock.cancel_and_wait(
+                [t for t in [self.inner.task] if t is not None], "the wrapped app", clock.drain_deadline
+            )
+        await clock.cancel_and_wait(
+            [*self._own_tasks(), *self.tasks], "the monitor and registered tasks", clock.app_deadline
+        )
+        await close_engines(self.all_trackers, clock, logging.DEBUG)
+        self._stopped()
+
+    def _own_tasks(self) -> list[asyncio.Task[Any]]:
+        return [task for task in (self.monitor_task, self.leak_task) if task is not None]
+
+    def _enter_shutdown(self) -> None:
+        self.state = "stopping"
+        self.shutting_down = True
+        _guard.app_stopping(id(self))
+
+    def _stopped(self) -> None:
+        self.state = "stopped"
+        _guard.app_stopped(id(self))
