@@ -29,6 +29,7 @@ NOISE_MARKERS = (
     "garbage collector is trying to clean up",
     "Traceback (most recent call last)",
     "Exception ignored in",
+    "Exception in 'lifespan' protocol",
 )
 NOISY_LOGGERS = re.compile(r"^(WARNING|ERROR|CRITICAL) (sqlalchemy|asyncpg|asyncio|py\.warnings)\b", re.M)
 
@@ -85,6 +86,8 @@ def server_command(server: str, target: str, port: int, graceful: float) -> list
             str(port),
             "--timeout-graceful-shutdown",
             str(int(graceful)),
+            "--lifespan",
+            "on",  # the strict mode: uvicorn prints any exception that escapes the lifespan as a traceback
         ]
     return [
         sys.executable,

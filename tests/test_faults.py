@@ -43,8 +43,12 @@ async def test_database_down_at_startup(server: str, exit_code: int, tmp_path: P
     if server in ("uvicorn", "granian"):
         assert "Traceback" not in output
         assert output.count("cannot reach database") == 1
-    else:  # hypercorn prints its own LifespanFailureError traceback, carrying our line
+    else:  # hypercorn prints its own LifespanFailureError traceback, carrying our line, and nothing chained
+        assert output.count("Traceback (most recent call last)") == 1, output
         assert "LifespanFailureError" in output
+        assert "asyncpg" not in output.replace("postgresql+asyncpg", "")  # none of the driver's internals
+        assert "The above exception was the direct cause" not in output
+        assert "During handling of the above exception" not in output
 
 
 async def test_database_restarted_mid_traffic(private_db: EmbeddedPostgres, tmp_path: Path) -> None:

@@ -207,7 +207,10 @@ async def test_a_second_running_middleware_on_one_engine_is_refused(
     )
     async with LifespanManager(first):
         second = DBPoolMiddleware(Starlette(), engine, max_pending=3)
-        assert (tracker.leak_threshold, tracker.acquisition.max_pending) == (5, None)  # the running owner's options stay
+        assert (tracker.leak_threshold, tracker.acquisition.max_pending) == (
+            5,
+            None,
+        )  # the running owner's options stay
         driver = LifespanDriver(second)
         answer = await driver.startup()
         await driver.task  # type: ignore[misc]

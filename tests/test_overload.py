@@ -120,7 +120,9 @@ async def test_max_pending_fails_fast(make_engine: Callable[..., AsyncEngine]) -
     assert tracker.acquisition.timeouts == 0
     assert statuses.count(200) in (3, 4)
     assert tracker.acquisition.rejected == statuses.count(503) == 20 - statuses.count(200)
-    assert tracker.acquisition.wait.count == 1 + 1 + statuses.count(200)  # startup ping, server read, and each request served
+    assert tracker.acquisition.wait.count == 1 + 1 + statuses.count(
+        200
+    )  # startup ping, server read, and each request served
 
 
 async def test_settings_carry_the_overload_options() -> None:

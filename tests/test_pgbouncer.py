@@ -185,6 +185,10 @@ async def test_a_pooler_in_front_is_noticed_when_not_configured(
             pass
         async with LifespanManager(DBPoolMiddleware(Starlette(), engine, workers=2, pgbouncer="transaction")):
             pass
+        # DB_PGBOUNCER=off means off: no pooler is looked for, nothing is said (the budget fits directly).
+        off = PoolSettings.from_env({"DB_PGBOUNCER": "off", "WEB_CONCURRENCY": "2"}).middleware_options()
+        async with LifespanManager(DBPoolMiddleware(Starlette(), engine, **off)):
+            pass
     finally:
         await engine.dispose()
     lines = [

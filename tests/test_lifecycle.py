@@ -1,0 +1,303 @@
+"""One owner for the lifecycle: every failure path answers once and leaves nothing running or open.
+
+Each test here failed on the code before :class:`asgi_dbpool._lifecycle.Lifecycle` (issue 14, items a-h); the
+uvicorn ``--lifespan on`` force exit (d) and hypercorn's database-down traceback (c) are checked with real
+servers in ``test_servers.py`` and ``test_faults.py``.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from asgi_lifespan import LifespanManager
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+import asgi_dbpool
+from asgi_dbpool import ConfigError, DBPoolMiddleware, PoolSettings, is_shutting_down
+from tests.conftest import backends
+from tests.helpers import LifespanDriver, cut_off_post
+
+pytestmark = pytest.mark.anyio
+
+PACKAGE = Path(asgi_dbpool.__file__).parent
+
+
+def our_tasks() -> list[str]:
+    return sorted(t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("asgi_dbpool"))
+
+
+async def test_a_failed_inner_startup_leaves_no_task_running(
+    make_engine: Callable[..., AsyncEngine], database_url: str
+) -> None:
+    """(a) The monitor and leak detection started before the app's own startup failed: both are stopped."""
+    engine = make_engine()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        raise RuntimeError("cache warm-up failed")
+        yield  # pragma: no cover
+
+    app = DBPoolMiddleware(Starlette(lifespan=lifespan), engine, leak_threshold=30)
+    driver = LifespanDriver(app)
+    answer = await driver.startup()
+    await driver.task  # type: ignore[misc]
+    assert answer["type"] == "lifespan.startup.failed"
+    assert answer["message"].endswith("RuntimeError: cache warm-up failed\n")  # Starlette's message, forwarded
+    assert driver.types() == ["lifespan.startup.failed"]
+    assert our_tasks() == []
+    assert (engine.pool.checkedin(), engine.pool.checkedout()) == (0, 0)
+    assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
+
+
+async def test_any_exception_in_our_startup_answers_failed_once_and_closes_everything(
+    make_engine: Callable[..., AsyncEngine],
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """(b) Not only StartupError: a bug or an odd server answers ``startup.failed`` in one line, engines closed."""
+    from asgi_dbpool import _startup
+
+    def odd_server(*args: Any) -> list[tuple[int, str]]:
+        raise KeyError("max_connections")
+
+    monkeypatch.setattr(_startup, "budget_lines", odd_server)  # the budget check meets a server it cannot read
+    engine = make_engine()
+    caplog.set_level(logging.INFO, logger="asgi_dbpool")
+    app = DBPoolMiddleware(Starlette(), engine, leak_threshold=30)
+    driver = LifespanDriver(app)
+    answer = await driver.startup()
+    await driver.task  # type: ignore[misc]
+    assert answer == {
+        "type": "lifespan.startup.failed",
+        "message": "asgi_dbpool: startup failed: KeyError: 'max_connections'",
+    }
+    assert driver.types() == ["lifespan.startup.failed"]
+    assert our_tasks() == []
+    assert engine.pool.checkedin() == 0
+    assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [(r.getMessage(), type(r.exc_info[1]).__name__ if r.exc_info else None) for r in errors] == [
+        ("asgi_dbpool: startup failed", "KeyError")  # the traceback goes to our log, once
+    ]
+
+
+async def test_a_cancelled_startup_closes_what_it_opened(make_engine: Callable[..., AsyncEngine]) -> None:
+    """A server cancelling the lifespan during the app's own startup: everything closed, the task ends quietly."""
+    engine = make_engine()
+    in_startup = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        in_startup.set()
+        await asyncio.Event().wait()
+        yield  # pragma: no cover
+
+    app = DBPoolMiddleware(Starlette(lifespan=lifespan), engine, leak_threshold=30)
+    driver = LifespanDriver(app)
+    asking = asyncio.ensure_future(driver.startup())
+    await in_startup.wait()
+    assert driver.task is not None
+    driver.task.cancel()
+    await driver.task
+    asking.cancel()
+    assert driver.types() == []  # the server asked for the cancellation: no answer is owed
+    assert our_tasks() == []
+    assert engine.pool.checkedin() == 0
+
+
+async def test_one_app_starting_does_not_clear_another_apps_shutdown(make_engine: Callable[..., AsyncEngine]) -> None:
+    """(e) The process-wide flag holds while any app is shutting down; each app's own truth is per app."""
+    release = asyncio.Event()
+    in_shutdown = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def slow_shutdown(app: Starlette) -> AsyncIterator[None]:
+        yield
+        in_shutdown.set()
+        await release.wait()
+
+    first = DBPoolMiddleware(Starlette(lifespan=slow_shutdown), make_engine(), shutdown_timeout=30)
+    second = DBPoolMiddleware(Starlette(), make_engine())
+    first_driver, second_driver = LifespanDriver(first), LifespanDriver(second)
+    await first_driver.startup()
+    assert is_shutting_down() is False
+    stopping = asyncio.ensure_future(first_driver.shutdown())
+    await in_shutdown.wait()
+    assert is_shutting_down() is True
+    assert (await second_driver.startup())["type"] == "lifespan.startup.complete"
+    seen = (is_shutting_down(), first.shutting_down, second.shutting_down)
+    release.set()
+    assert (await stopping)["type"] == "lifespan.shutdown.complete"
+    after_first = (is_shutting_down(), first.shutting_down, second.shutting_down)
+    await second_driver.shutdown()
+    assert seen == (True, True, False)
+    assert after_first == (False, True, False)  # the second app is running: its errors are real
+    assert is_shutting_down() is True  # the last running app shut down: leftovers are judged by the flag
+
+
+# (f) One set of rules: the middleware's keyword arguments and PoolSettings give the same ConfigError.
+SHARED_OPTIONS = [
+    ("leak_threshold", -1, "leak_threshold=-1 is out of range; set it to 0 (off) up to 604800 seconds."),
+    ("retry_after", 3601, "retry_after=3601 is out of range; set it to an integer from 0 to 3600."),
+    ("retry_after", 1.5, "retry_after=1.5 is not a whole number; set it to an integer from 0 to 3600."),
+    ("max_pending", -2, "max_pending=-2 is out of range; set it to an integer from 0 to 10000."),
+    ("workers", 1001, "workers=1001 is out of range; set it to an integer from 0 to 1000."),
+    ("hosts", 0, "hosts=0 is out of range; set it to an integer from 1 to 1000."),
+    (
+        "pgbouncer",
+        "statement",
+        "pgbouncer='statement' is not a PgBouncer pooling mode; use off, session or transaction.",
+    ),
+    (
+        "pgbouncer_pool_size",
+        True,
+        "pgbouncer_pool_size=True is not a whole number; set it to an integer from 0 to 10000.",
+    ),
+]
+
+
+@pytest.mark.parametrize(("option", "value", "message"), SHARED_OPTIONS)
+async def test_options_have_one_rule_and_one_wording(
+    option: str, value: object, message: str, make_engine: Callable[..., AsyncEngine]
+) -> None:
+    with pytest.raises(ConfigError) as from_settings:
+        PoolSettings(**{option: value})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as from_middleware:
+        DBPoolMiddleware(Starlette(), make_engine(), **{option: value})
+    assert str(from_settings.value) == str(from_middleware.value) == message
+    assert isinstance(from_middleware.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        (
+            "monitor_interval",
+            0,
+            "monitor_interval=0 is out of range; set it to a positive number up to 604800 seconds.",
+        ),
+        (
+            "shutdown_timeout",
+            -1,
+            "shutdown_timeout=-1 is out of range; set it to a positive number up to 604800 seconds.",
+        ),
+        ("startup_timeout", float("inf"), "startup_timeout=inf is out of range; set it to a positive number up to"),
+        ("stats_path", "pool", "stats_path='pool' must start with '/' and not be '/'; or pass None"),
+        ("stats_token", "", "stats_token='' is empty; set a secret, or pass None"),
+    ],
+)
+async def test_middleware_only_options_are_checked_the_same_way(
+    option: str, value: object, message: str, make_engine: Callable[..., AsyncEngine]
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        DBPoolMiddleware(Starlette(), make_engine(), **{option: value})
+    assert str(info.value).startswith(message)
+
+
+def test_off_means_off_and_unset_means_not_said() -> None:
+    """(f) DB_PGBOUNCER=off reaches the middleware as "off" (no pooler detection); unset stays "not said"."""
+    assert PoolSettings.from_env({"DB_PGBOUNCER": "off"}).middleware_options()["pgbouncer"] == "off"
+    assert PoolSettings.from_env({}).middleware_options()["pgbouncer"] is None
+    assert PoolSettings.from_env({"DB_PGBOUNCER": "Transaction"}).middleware_options()["pgbouncer"] == "transaction"
+
+
+def test_settings_repr_masks_the_password() -> None:
+    """(g)"""
+    settings = PoolSettings.from_env(
+        {
+            "DATABASE_URL": "postgresql://app:s3cret@db:5432/app",
+            "ASYNC_DATABASE_URL": "postgresql+asyncpg://app:s3cret@db:5432/app",
+        }
+    )
+    text_ = repr(settings)
+    assert "s3cret" not in text_
+    assert "database_url='postgresql://app:***@db:5432/app'" in text_
+    assert "async_database_url='postgresql+asyncpg://app:***@db:5432/app'" in text_
+    assert text_.startswith("PoolSettings(environment='development', pool_size=10,")
+
+
+async def test_a_cancelled_request_gets_the_configured_retry_after(make_engine: Callable[..., AsyncEngine]) -> None:
+    """(h)"""
+    engine = make_engine()
+    maker = async_sessionmaker(engine)
+    in_query = asyncio.Event()
+
+    async def slow(request: Request) -> PlainTextResponse:
+        async with maker() as session:
+            in_query.set()
+            await session.execute(text("SELECT pg_sleep(30)"))
+        return PlainTextResponse("never")  # pragma: no cover
+
+    app = DBPoolMiddleware(Starlette(routes=[Route("/", slow, methods=["POST"])]), engine, retry_after=17)
+    async with LifespanManager(app):
+        sent = await cut_off_post(app, in_query)
+    assert sent[0]["status"] == 503
+    assert (b"retry-after", b"17") in sent[0]["headers"]
+
+
+def internal_imports() -> dict[str, set[str]]:
+    """Module -> the package modules it imports, at any place (module level, functions, TYPE_CHECKING)."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        module = path.stem
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    found.add(node.module.split(".")[0])
+                else:
+                    found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                found.update(n.split(".")[1] for n in names if n.startswith("asgi_dbpool."))
+        graph[module] = found - {module}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found: list[list[str]] = []
+    state: dict[str, str] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append([*path[path.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = "done"
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+    return found
+
+
+def test_the_package_import_graph_has_no_cycles() -> None:
+    graph = internal_imports()
+    assert {"_middleware", "_lifecycle", "_tracker", "_acquire"} <= set(graph)  # the walk sees the package
+    assert "_lifecycle" in graph["_middleware"]
+    assert "_acquire" in graph["_tracker"]
+    assert cycles(graph) == []
+
+
+def test_the_cycle_check_can_fail() -> None:
+    """The control: a graph with a back-reference is reported."""
+    assert cycles({"_middleware": {"_startup"}, "_startup": {"_middleware"}}) == [
+        ["_middleware", "_startup", "_middleware"]
+    ]
