@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from ._options import Options
 from ._parse import mask_url
 from ._registry import PGBOUNCER_MODES
 from ._shutdown import FORCE_EXIT_BUDGET, ShutdownClock, close_engines
+from ._signals import on_stop_signal
 from ._startup import StartupError, check_budget, check_reachable, pool_logger_names, watch_leaks
 from ._tracker import PoolTracker
 from ._types import ASGIApp, Scope
@@ -119,10 +121,23 @@ class Lifecycle:
         self.state = "starting"
         self.shutting_down = self.server_stopping = False
         _guard.app_started(id(self))
+        task = asyncio.current_task()
+        stopped_by: list[signal.Signals] = []
+
+        def stop(sig: signal.Signals) -> None:  # SIGTERM/SIGINT while starting: end the startup now
+            if not stopped_by and self.state == "starting" and task is not None:
+                stopped_by.append(sig)
+                task.cancel()
+
         try:
-            await self._start_ours()
-            self.inner = InnerLifespan(self.app, scope)
-            outcome, detail = await self.inner.start()
+            with on_stop_signal(stop):
+                await self._start_ours()
+                self.inner = InnerLifespan(self.app, scope)
+                outcome, detail = await self.inner.start()
+        except asyncio.CancelledError:
+            if not stopped_by or task is None or task.uncancel():  # the server's own cancellation: honour it
+                raise
+            failure = f"asgi_dbpool: startup stopped by {stopped_by[0].name} before it completed"
         except StartupError as exc:
             failure = str(exc)
         except Exception as exc:  # any other failure answers startup.failed too, never silence

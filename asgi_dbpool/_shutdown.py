@@ -20,6 +20,14 @@ APP_SHARE = 0.8  # background tasks and the wrapped app's own shutdown
 # the rest, up to 1.0, is kept for reclaiming and closing connections
 #: Budget for the forced path (the server cancelled the lifespan without a shutdown message).
 FORCE_EXIT_BUDGET = 5.0
+#: Seconds the tasks still holding connections get to stop after their cancellation (a rollback, a close): a
+#: little more than the 2 s SQLAlchemy gives asyncpg to close a connection it invalidates (a cancelled query).
+HOLDERS_TIMEOUT = 2.5
+#: Seconds one connection gets to close gracefully (Terminate, then the server closes) before it is aborted; a
+#: database that answers closes one in a few milliseconds.
+CONNECTION_CLOSE_TIMEOUT = 0.5
+#: Seconds the cancelled holders get to finish once their connections were closed under them.
+REAP_TIMEOUT = 0.5
 
 
 class ShutdownClock:
@@ -76,10 +84,12 @@ class ShutdownClock:
 
 
 async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, level: int = logging.INFO) -> None:
-    """Refuse checkouts, cancel the tasks still holding connections, close the leaks, dispose all engines.
+    """Refuse checkouts, cancel the tasks still holding connections, close every connection, dispose all engines.
 
     Checkouts are refused first: a task that is not holding a connection at the moment of the scan must not
     take one from the pool while it is being disposed (its query would be cut when the process exits).
+    Every connection is then closed at once, each gracefully for at most :data:`CONNECTION_CLOSE_TIMEOUT`: a
+    database that stopped answering costs that, not the budget, and one WARNING says so.
     ``level`` is that of the progress lines (DEBUG after a failed startup, which the server reports in one line).
     """
     me = asyncio.current_task()
@@ -89,13 +99,25 @@ async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, l
     if owners:
         names = ", ".join(sorted(describe_task(t) for t in owners))
         logger.log(level, "asgi_dbpool: cancelling %d task(s) still holding connections: %s", len(owners), names)
-        # Half of what is left: the rest is for closing connections.
+        # At most half of what is left (the rest is for closing connections), and no more than HOLDERS_TIMEOUT:
+        # a holder stuck on a database that stopped answering is freed by closing its connection below.
         halfway = clock.deadline - clock.left(clock.deadline) / 2
-        await clock.cancel_and_wait(owners, "tasks holding connections", halfway)
+        until = min(halfway, asyncio.get_running_loop().time() + HOLDERS_TIMEOUT)
+        await clock.cancel_and_wait(owners, "tasks holding connections", until)
     try:
         async with asyncio.timeout_at(clock.deadline):
+            seconds = min(CONNECTION_CLOSE_TIMEOUT, clock.left(clock.deadline))
+            aborted = await asyncio.gather(*(tracker.close_connections(seconds) for tracker in trackers))
+            if sum(aborted):
+                logger.warning(
+                    "asgi_dbpool: the database did not answer within %.1fs at shutdown: %s connection(s) closed on "
+                    "our side without its acknowledgement (it ends them when it notices, or at its idle timeout)",
+                    seconds,
+                    " + ".join(f"{t.name}={n}" for t, n in zip(trackers, aborted, strict=True) if n),
+                )
             leaks = [report for tracker in trackers for report in await tracker.close_leaks()]
             results = await asyncio.gather(*(tracker.dispose() for tracker in trackers), return_exceptions=True)
+            await _reap(owners)
     except TimeoutError:
         logger.warning(
             "asgi_dbpool: shutdown budget (shutdown_timeout=%.1fs) ran out closing connections; still open: %s",
@@ -112,3 +134,14 @@ async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, l
         len(trackers),
         f"{len(leaks)} closed (see warnings above)" if leaks else "none",
     )
+
+
+async def _reap(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Let cancelled holders whose connection was just closed under them finish, and take their errors: they were
+    asked to stop, and an error nobody retrieves is logged as "Task exception was never retrieved"."""
+    pending = [t for t in tasks if not t.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=REAP_TIMEOUT)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()

@@ -51,6 +51,8 @@ class PoolTracker:
         self.overloaded = False
         self._reclaiming: set[int] = set()
         self._connecting: dict[int, float] = {}
+        # Every pool entry that opened a connection (idle or checked out): closing at shutdown reaches them all.
+        self._entries: weakref.WeakSet[ConnectionPoolEntry] = weakref.WeakSet()
         self._instrumented: Any = None
         self._instrument(engine.pool)
         event.listen(engine, "checkout", self._on_checkout)
@@ -120,6 +122,7 @@ class PoolTracker:
         self._connecting[id(record)] = time.perf_counter()
 
     def _on_connect(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        self._entries.add(record)
         started = self._connecting.pop(id(record), None)
         if started is not None:
             self.create.observe(time.perf_counter() - started)
@@ -208,6 +211,20 @@ class PoolTracker:
             self.checkouts.pop(key, None)
             self.reclaimed += 1
 
+    async def close_connections(self, seconds: float) -> int:
+        """Close every open connection of an async engine at once, each gracefully (Terminate, then the server
+        closes) for at most ``seconds``, else aborted on our side; return how many were aborted.
+
+        The pool would close them one after the other, each waiting for a server that may never answer (a
+        failover, a firewall dropping packets), and log the cut one at ERROR. Closed here, the pool's own close
+        and the leak reclaim find them closed and return at once.
+        """
+        if self.async_engine is None:
+            return 0
+        drivers = [entry.driver_connection for entry in list(self._entries)]
+        outcomes = await asyncio.gather(*(_close_driver(d, seconds) for d in drivers if d is not None))
+        return outcomes.count(False)
+
     def refuse_checkouts(self) -> None:
         """From now on every checkout fails at once with :class:`PoolClosedError` (until :meth:`reopen`)."""
         self.acquisition.closed = True
@@ -222,3 +239,16 @@ class PoolTracker:
 
     def reopen(self) -> None:
         self.acquisition.reopen()
+
+
+async def _close_driver(connection: Any, seconds: float) -> bool:
+    """Close one driver connection gracefully within ``seconds``; False when it had to be aborted."""
+    if connection.is_closed():
+        return True
+    try:
+        async with asyncio.timeout(seconds):
+            await connection.close(timeout=seconds)  # asyncpg aborts the socket itself on its own timeout
+        return True
+    except Exception:  # timed out, or the server or the driver failed the close: the socket goes either way
+        connection.terminate()
+        return False
