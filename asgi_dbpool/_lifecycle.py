@@ -23,7 +23,7 @@ from ._monitor import PoolMonitor
 from ._options import Options
 from ._parse import mask_url
 from ._registry import PGBOUNCER_MODES
-from ._shutdown import FORCE_EXIT_BUDGET, ShutdownClock, close_engines
+from ._shutdown import CONNECTION_CLOSE_TIMEOUT, FORCE_EXIT_BUDGET, ShutdownClock, close_engines
 from ._signals import on_stop_signal
 from ._startup import StartupError, check_budget, check_reachable, pool_logger_names, watch_leaks
 from ._tracker import PoolTracker
@@ -243,8 +243,13 @@ class Lifecycle:
     async def _drain_requests(self, clock: ShutdownClock) -> None:
         connections = self.connections
         in_flight = connections.http_in_flight
+        drained = asyncio.ensure_future(connections.wait_http())
+        await asyncio.wait([drained], timeout=min(CONNECTION_CLOSE_TIMEOUT, clock.left(clock.drain_deadline)))
+        if not drained.done():  # requests the server cancelled may be waiting on a database that stopped answering
+            for tracker in self.all_trackers:
+                tracker.abort_closing()
         await clock.wait(
-            connections.wait_http(),
+            drained,
             "in-flight HTTP requests",
             clock.drain_deadline,
             lambda: f"{connections.http_in_flight} request(s)",

@@ -102,8 +102,14 @@ async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, l
         # At most half of what is left (the rest is for closing connections), and no more than HOLDERS_TIMEOUT:
         # a holder stuck on a database that stopped answering is freed by closing its connection below.
         halfway = clock.deadline - clock.left(clock.deadline) / 2
-        until = min(halfway, asyncio.get_running_loop().time() + HOLDERS_TIMEOUT)
-        await clock.cancel_and_wait(owners, "tasks holding connections", until)
+        loop = asyncio.get_running_loop()
+        until = min(halfway, loop.time() + HOLDERS_TIMEOUT)
+        stopping = asyncio.ensure_future(clock.cancel_and_wait(owners, "tasks holding connections", until))
+        await asyncio.wait([stopping], timeout=CONNECTION_CLOSE_TIMEOUT)
+        if not stopping.done():  # a cancelled query's connection may be closing on a database that does not answer
+            for tracker in trackers:
+                tracker.abort_closing()
+        await stopping
     try:
         async with asyncio.timeout_at(clock.deadline):
             seconds = min(CONNECTION_CLOSE_TIMEOUT, clock.left(clock.deadline))

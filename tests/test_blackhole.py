@@ -115,7 +115,9 @@ async def test_stuck_requests_and_pooled_connections(
     output = run.output()
     assert await run.stored() == {}  # the INSERTs never reached the database
     if wrapped:
-        assert seconds <= GRACEFUL + 3, output
+        # hypercorn lets the requests it cancelled finish before lifespan.shutdown, where no middleware runs; their
+        # unwinding costs SQLAlchemy's 2 s close of a cancelled query's connection there (bare: 5.3 s too).
+        assert seconds <= GRACEFUL + 3 + (0.5 if server == "hypercorn" else 0), output
         assert run.exit_code == NORMAL_EXIT[server], output
         assert statuses == [503, 503, 503], output
         assert run.noise() == [], output
@@ -137,7 +139,7 @@ async def test_a_background_task_stuck_in_a_query(server: str, database_url: str
         await asyncio.sleep(0.2)  # the poller's next query is in flight, never answered
         seconds = await stop(run)
     output = run.output()
-    assert seconds <= 2.5 + 0.5 + 1.0, output  # HOLDERS_TIMEOUT + CONNECTION_CLOSE_TIMEOUT + process exit
+    assert seconds <= 2.5 + 0.5 + 1.0, output  # at worst HOLDERS_TIMEOUT + CONNECTION_CLOSE_TIMEOUT + exit
     assert run.exit_code == NORMAL_EXIT[server], output
     assert run.noise() == [], output
     assert "asgi_dbpool: cancelling 1 task(s) still holding connections: " in output
