@@ -3,7 +3,7 @@ SQLAlchemy's asyncio engine (asyncpg)."""
 
 from __future__ import annotations
 
-from ._acquire import PoolClosedError
+from ._acquire import PoolClosedError, PoolOverloadedError
 from ._guard import is_closed_loop_error, is_shutting_down, mark_shutting_down, shutdown_tolerant
 from ._logfilter import ShutdownNoiseFilter
 from ._middleware import DBPoolMiddleware
@@ -16,6 +16,7 @@ __all__ = [
     "ConfigError",
     "DBPoolMiddleware",
     "PoolClosedError",
+    "PoolOverloadedError",
     "PoolSettings",
     "PoolStatsApp",
     "ShutdownNoiseFilter",

@@ -24,9 +24,13 @@ from ._histogram import Histogram
 class PoolClosedError(RuntimeError):
     """A connection was asked for after the middleware disposed the engine at shutdown."""
 
+    __module__ = "asgi_dbpool"  # tracebacks name the public class, not a private module
+
 
 class PoolOverloadedError(sa_exc.TimeoutError):
     """``max_pending`` tasks already wait for a connection: this checkout fails at once (a pool timeout)."""
+
+    __module__ = "asgi_dbpool"  # tracebacks name the public class, not a private module
 
 
 class Acquisition:
@@ -47,7 +51,7 @@ class Acquisition:
 
     def refusal(self) -> PoolClosedError:
         return PoolClosedError(
-            f"asgi_dbpool: engine {self.name!r} is closed for shutdown; no database connection is handed out or "
+            f"engine {self.name!r} is closed for shutdown; no database connection is handed out or "
             "opened now. Finish database work before the app's lifespan shutdown completes."
         )
 
@@ -74,7 +78,7 @@ class Acquisition:
                 self.rejected += 1
                 self._on_exhausted()
                 raise PoolOverloadedError(
-                    f"asgi_dbpool: engine {self.name!r}: {self.pending} tasks already wait for a connection "
+                    f"engine {self.name!r}: {self.pending} tasks already wait for a connection "
                     f"(max_pending={self.max_pending}); failing at once instead of waiting {pool._timeout:g}s"
                 )
             self.pending += 1

@@ -96,35 +96,34 @@ def budget_lines(
                 continue
             line = (
                 logging.WARNING,
-                f"asgi_dbpool: connection budget exceeded on {where}: {arithmetic} connections > {limit}; lower "
+                f"connection budget exceeded on {where}: {arithmetic} connections > {limit}; lower "
                 "DB_POOL_SIZE / DB_MAX_OVERFLOW, raise max_connections, or put PgBouncer in front",
             )
         elif bouncer is None:
             line = (
                 logging.INFO,
-                f"asgi_dbpool: connection budget {through} (PgBouncer's max_client_conn must allow them); the "
+                f"connection budget {through} (PgBouncer's max_client_conn must allow them); the "
                 f"server's limit ({limit}) applies to PgBouncer's own pool: set DB_PGBOUNCER_POOL_SIZE "
                 "(pgbouncer_pool_size) to its default_pool_size + reserve_pool_size to have it checked",
             )
         elif bouncer > available:
             line = (
                 logging.WARNING,
-                f"asgi_dbpool: connection budget exceeded {through} share PgBouncer's pool of {bouncer} server "
+                f"connection budget exceeded {through} share PgBouncer's pool of {bouncer} server "
                 f"connections > {limit}; lower PgBouncer's default_pool_size + reserve_pool_size or raise "
                 "max_connections",
             )
         elif mode == "session" and total > bouncer:
             line = (
                 logging.WARNING,
-                f"asgi_dbpool: connection budget exceeded {through} > PgBouncer's pool of {bouncer}: in session "
+                f"connection budget exceeded {through} > PgBouncer's pool of {bouncer}: in session "
                 "pooling each client connection holds a server connection, so checkouts beyond it wait in "
                 "PgBouncer (query_wait_timeout); use transaction pooling or lower DB_POOL_SIZE / DB_MAX_OVERFLOW",
             )
         else:
             line = (
                 logging.INFO,
-                f"asgi_dbpool: connection budget {through} share PgBouncer's pool of {bouncer} server connections "
-                f"<= {limit}",
+                f"connection budget {through} share PgBouncer's pool of {bouncer} server connections <= {limit}",
             )
         lines.append(line)
     return lines

@@ -12,6 +12,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from ._checkout import InFlight, current_request
+from ._records import fields
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("asgi_dbpool")
@@ -53,6 +54,8 @@ class ConnectionTracker:
     def __init__(self) -> None:
         self.http_in_flight = 0
         self.websockets: set[_WebSocket] = set()
+        # WebSockets the server closed for its own shutdown (1012, as uvicorn does before lifespan.shutdown).
+        self.closed_by_server = 0
         self._http_waiter: asyncio.Future[None] | None = None
         self._ws_waiter: asyncio.Future[None] | None = None
 
@@ -109,6 +112,8 @@ class ConnectionTracker:
             if message["type"] == "websocket.disconnect":
                 ws.closed = True
                 ws.close_code = message.get("code", 1005)
+                if ws.close_code == SERVICE_RESTART:
+                    self.closed_by_server += 1
             return message
 
         request = InFlight()
@@ -119,7 +124,7 @@ class ConnectionTracker:
             if ws is None or not (ws.closed_by_shutdown or ended_by_shutdown(exc, ws.close_code)):
                 raise
             # The handler only failed because shutdown closed its socket (e.g. WebSocketDisconnect(1012)).
-            logger.debug("asgi_dbpool: WebSocket handler ended by shutdown with %r", exc)
+            logger.debug("WebSocket handler ended by shutdown with %r", exc)
         finally:
             request.done = True
             current_request.reset(token)
@@ -158,7 +163,7 @@ class ConnectionTracker:
         except TimeoutError:
             outcome = "pending"
         except Exception as exc:  # the server closed it first (uvicorn does, with 1012)
-            logger.debug("asgi_dbpool: WebSocket already closed by the server: %r", exc)
+            logger.debug("WebSocket already closed by the server: %r", exc)
         finally:
             if ws.interrupt is not None and not ws.interrupt.done():
                 ws.interrupt.set_result(None)
@@ -178,13 +183,15 @@ async def answer_cancelled(scope: Scope, send: Send, request: InFlight, retry_af
     if not answered:
         return False
     method, path = scope.get("method"), scope.get("path")
+    extra = fields("cancelled", method=method, path=path, committed=request.committed)
     if request.committed:
-        logger.warning("asgi_dbpool: %s %s was cancelled by the server after it committed; answering 500", method, path)
+        logger.warning("%s %s was cancelled by the server after it committed; answering 500", method, path, extra=extra)
     else:
         logger.warning(
-            "asgi_dbpool: %s %s was cancelled by the server (shutting down) before it answered; answering 503",
+            "%s %s was cancelled by the server (shutting down) before it answered; answering 503",
             method,
             path,
+            extra=extra,
         )
     return True
 

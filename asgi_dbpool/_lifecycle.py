@@ -22,6 +22,7 @@ from ._lifespan import InnerLifespan, Outcome, one_line
 from ._monitor import PoolMonitor
 from ._options import Options
 from ._parse import mask_url
+from ._records import fields
 from ._registry import PGBOUNCER_MODES
 from ._shutdown import CONNECTION_CLOSE_TIMEOUT, FORCE_EXIT_BUDGET, ShutdownClock, close_engines
 from ._signals import on_stop_signal
@@ -141,7 +142,7 @@ class Lifecycle:
         except StartupError as exc:
             failure = str(exc)
         except Exception as exc:  # any other failure answers startup.failed too, never silence
-            logger.error("asgi_dbpool: startup failed", exc_info=exc)
+            logger.error("startup failed", exc_info=exc)
             failure = f"asgi_dbpool: startup failed: {one_line(exc)}"
         else:
             if outcome != "failed":
@@ -155,21 +156,22 @@ class Lifecycle:
         """The ordered shutdown, every step bounded by ``shutdown_timeout``; returns the wrapped app's answer."""
         clock = ShutdownClock(self.options.shutdown_timeout)
         self._enter_shutdown()  # 1. the flag first
-        logger.info("asgi_dbpool: shutdown flag set (budget %.1fs)", clock.seconds)
+        logger.info("shutdown flag set (budget %.1fs)", clock.seconds, extra=fields("flag", budget=clock.seconds))
         await self._close_websockets(clock)  # 2.
         await self._drain_requests(clock)  # 3.
         stopped = await clock.cancel_and_wait(  # 4.
             [*self._own_tasks(), *self.tasks], "the monitor and registered tasks", clock.app_deadline
         )
-        logger.info("asgi_dbpool: monitor and %d registered task(s) stopped", max(stopped - len(self._own_tasks()), 0))
+        registered = max(stopped - len(self._own_tasks()), 0)
+        logger.info("monitor and %d registered task(s) stopped", registered, extra=fields("tasks", stopped=registered))
         answer: tuple[Outcome, str] = ("not running", "")
         if self.inner is not None:  # 5. the wrapped app's own shutdown (it may still use the database)
             answer = await self.inner.stop(clock.left(clock.app_deadline))
             if answer[0] == "timeout":
-                logger.warning("asgi_dbpool: %s; it was cancelled", answer[1])
+                logger.warning("%s; it was cancelled", answer[1])
         await close_engines(self.all_trackers, clock)  # 6-7. refuse checkouts, reclaim, dispose
         self._stopped()
-        logger.info("asgi_dbpool: shutdown finished in %.3fs", clock.elapsed())
+        logger.info("shutdown finished in %.3fs", clock.elapsed(), extra=fields("finished", seconds=clock.elapsed()))
         return answer
 
     async def abort(self) -> None:
@@ -177,7 +179,7 @@ class Lifecycle:
         within ``min(shutdown_timeout, FORCE_EXIT_BUDGET)``."""
         clock = ShutdownClock(min(self.options.shutdown_timeout, FORCE_EXIT_BUDGET))
         self._enter_shutdown()
-        logger.info("asgi_dbpool: lifespan cancelled without a shutdown message; closing connections now")
+        logger.info("lifespan cancelled without a shutdown message; closing connections now")
         await self.connections.close_websockets(clock.drain_deadline)
         if self.inner is not None:
             self.inner.cancel()
@@ -194,7 +196,7 @@ class Lifecycle:
         deadline = asyncio.get_running_loop().time() + CLOSE_FRAME_TIMEOUT
         closed, pending = await self.connections.close_websockets(deadline, code)
         logger.info(
-            "asgi_dbpool: the server is stopping: %d WebSocket(s) closed with %d%s",
+            "the server is stopping: %d WebSocket(s) closed with %d%s",
             closed,
             code,
             f" ({pending} close frame(s) not taken in time)" if pending else "",
@@ -213,7 +215,8 @@ class Lifecycle:
             self.leak_task = asyncio.create_task(
                 watch_leaks(self.all_trackers, self.options.leak_threshold), name="asgi_dbpool: leak detection"
             )
-        logger.info("asgi_dbpool: %d engine(s) reachable; pool monitor started", len(self.all_trackers))
+        engines = len(self.all_trackers)
+        logger.info("%d engine(s) reachable; pool monitor started", engines, extra=fields("started", engines=engines))
 
     async def _close_websockets(self, clock: ShutdownClock) -> None:
         """Close (idempotently) and wait for their handlers, which usually hold sessions."""
@@ -222,7 +225,7 @@ class Lifecycle:
         closed, pending = await connections.close_websockets(clock.drain_deadline)
         if pending:
             logger.warning(
-                "asgi_dbpool: the server did not take the close frame of %d WebSocket(s) within %.1fs; their "
+                "the server did not take the close frame of %d WebSocket(s) within %.1fs; their "
                 "handlers were interrupted anyway",
                 pending,
                 CLOSE_FRAME_TIMEOUT,
@@ -234,10 +237,19 @@ class Lifecycle:
             lambda: f"{len(connections.websockets)} handler(s)",
         )
         logger.info(
-            "asgi_dbpool: %d WebSocket(s) closed (%d were open, %d already closed by the server)",
+            "%d WebSocket(s) closed (%d were open, %d already closed by the server; %d closed by the "
+            "server before the shutdown)",
             closed,
             open_sockets,
             open_sockets - closed - pending,
+            connections.closed_by_server,
+            extra=fields(
+                "websockets",
+                closed=closed,
+                open=open_sockets,
+                already_closed=open_sockets - closed - pending,
+                closed_by_server_before=connections.closed_by_server,
+            ),
         )
 
     async def _drain_requests(self, clock: ShutdownClock) -> None:
@@ -254,7 +266,8 @@ class Lifecycle:
             clock.drain_deadline,
             lambda: f"{connections.http_in_flight} request(s)",
         )
-        logger.info("asgi_dbpool: %d in-flight request(s) drained", in_flight - connections.http_in_flight)
+        drained_count = in_flight - connections.http_in_flight
+        logger.info("%d in-flight request(s) drained", drained_count, extra=fields("drain", drained=drained_count))
 
     async def _close_quietly(self) -> None:
         """After a failed startup: stop what it started and close the engines (progress at DEBUG only: the

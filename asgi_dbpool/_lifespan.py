@@ -84,7 +84,7 @@ class InnerLifespan:
                 self.shutdown_answer = ("failed", str(message.get("message", ""))) if failed else ("complete", "")
                 self._shutdown_answered.set()
         else:
-            raise RuntimeError(f"asgi_dbpool: unexpected lifespan message {kind!r} from the wrapped app at this point.")
+            raise RuntimeError(f"unexpected lifespan message {kind!r} from the wrapped app at this point.")
 
     async def _run(self) -> None:
         try:
@@ -95,7 +95,7 @@ class InnerLifespan:
             startup = self.startup or ("unsupported", "it returned without answering lifespan.startup")
             self.startup = startup
             if startup[0] == "unsupported":
-                logger.info("asgi_dbpool: the wrapped app does not use the lifespan protocol (%s)", startup[1])
+                logger.info("the wrapped app does not use the lifespan protocol (%s)", startup[1])
             self._started.set()
             if self._shutdown_requested.is_set() and self.shutdown_answer is None:
                 self.shutdown_answer = ("complete", "")
@@ -110,9 +110,9 @@ class InnerLifespan:
         elif self._shutdown_requested.is_set() and self.shutdown_answer is None:
             self.shutdown_answer = ("failed", summary)
         elif self.startup[0] == "complete" and not self._shutdown_requested.is_set():
-            logger.error("asgi_dbpool: the wrapped app's lifespan raised while running", exc_info=exc)
+            logger.error("the wrapped app's lifespan raised while running", exc_info=exc)
         else:
-            logger.debug("asgi_dbpool: the wrapped app's lifespan raised after answering: %r", exc)
+            logger.debug("the wrapped app's lifespan raised after answering: %r", exc)
 
 
 def one_line(exc: BaseException) -> str:

@@ -82,7 +82,7 @@ class DBPoolMiddleware:
         named = name_engines(engine)
         for name, value in named.items():
             if not isinstance(value, AsyncEngine):
-                raise TypeError(f"asgi_dbpool: engine {name!r} must be an AsyncEngine, got {value!r}.")
+                raise TypeError(f"engine {name!r} must be an AsyncEngine, got {value!r}.")
         self.engines: dict[str, AsyncEngine] = named
         trackers = [tracker_for(eng, name) for name, eng in named.items()]
         sync_trackers = [tracker_for(eng, f"sync:{i}") for i, eng in enumerate(sync_engines)]
@@ -119,7 +119,7 @@ class DBPoolMiddleware:
         try:
             return self.sessionmakers[name]
         except KeyError:
-            raise KeyError(f"asgi_dbpool: no engine named {name!r}; known: {sorted(self.sessionmakers)}.") from None
+            raise KeyError(f"no engine named {name!r}; known: {sorted(self.sessionmakers)}.") from None
 
     def register_task(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
         """Have shutdown cancel and await ``task`` (step 4), before the app's own shutdown runs."""
@@ -218,7 +218,7 @@ class DBPoolMiddleware:
         try:
             message = await receive()
             if message["type"] != "lifespan.startup":  # pragma: no cover - a server bug
-                raise RuntimeError(f"asgi_dbpool: expected lifespan.startup, got {message['type']!r}.")
+                raise RuntimeError(f"expected lifespan.startup, got {message['type']!r}.")
             failure = await lifecycle.start(scope)
             if failure is not None:
                 await send({"type": "lifespan.startup.failed", "message": failure})
@@ -232,7 +232,7 @@ class DBPoolMiddleware:
                 task.uncancel()
             return
         if message["type"] != "lifespan.shutdown":  # pragma: no cover - a server bug
-            logger.warning("asgi_dbpool: expected lifespan.shutdown, got %r; shutting down anyway", message["type"])
+            logger.warning("expected lifespan.shutdown, got %r; shutting down anyway", message["type"])
         answer, why = await lifecycle.shutdown()
         if answer == "failed":
             await send({"type": "lifespan.shutdown.failed", "message": why})

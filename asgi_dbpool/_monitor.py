@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from ._records import fields
 from ._tracker import PoolTracker
 
 logger = logging.getLogger("asgi_dbpool.monitor")
@@ -44,20 +45,23 @@ class PoolMonitor:
             try:
                 stats = tracker.snapshot()
             except Exception:
-                logger.exception("asgi_dbpool: could not read pool %r", tracker.name)
+                logger.exception("could not read pool %r", tracker.name)
                 continue
             reason = pressure(stats)
             figures = ", ".join(f"{k}={v}" for k, v in stats.items())
             if reason and tracker.name not in self.under_pressure:
                 logger.warning(
-                    "asgi_dbpool: pool %r under pressure: %s (%s); consider raising DB_POOL_SIZE or finding slow "
+                    "pool %r under pressure: %s (%s); consider raising DB_POOL_SIZE or finding slow "
                     "queries and leaked sessions",
                     tracker.name,
                     reason,
                     figures,
+                    extra=fields("pressure", tracker.name, reason=reason, **stats),
                 )
             elif not reason and tracker.name in self.under_pressure:
-                logger.info("asgi_dbpool: pool %r back to normal (%s)", tracker.name, figures)
+                logger.info(
+                    "pool %r back to normal (%s)", tracker.name, figures, extra=fields("normal", tracker.name, **stats)
+                )
             if reason:
                 self.under_pressure[tracker.name] = reason
             else:
@@ -72,7 +76,7 @@ class PoolMonitor:
             try:
                 self.check()
             except Exception:  # pragma: no cover - check() already guards each pool
-                logger.exception("asgi_dbpool: pool monitor check failed")
+                logger.exception("pool monitor check failed")
 
 
 def check_leaks(tracker: PoolTracker, now: float | None = None) -> int:
@@ -88,10 +92,17 @@ def check_leaks(tracker: PoolTracker, now: float | None = None) -> int:
             found += 1
             stack = "".join(f"\n    {line}" for line in checkout.stack or [checkout.site])
             logger.warning(
-                "asgi_dbpool: engine %r: connection held for %.1fs (leak threshold %gs), checked out at:%s",
+                "engine %r: connection held for %.1fs (leak threshold %gs), checked out at:%s",
                 tracker.name,
                 now - checkout.since,
                 tracker.leak_threshold,
                 stack,
+                extra=fields(
+                    "leak",
+                    tracker.name,
+                    held=now - checkout.since,
+                    threshold=tracker.leak_threshold,
+                    stack=checkout.stack or [checkout.site],
+                ),
             )
     return found

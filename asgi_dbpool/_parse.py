@@ -11,6 +11,8 @@ from sqlalchemy.engine import URL, make_url
 class ConfigError(ValueError):
     """A setting has a value asgi_dbpool cannot use; the message names the variable and the value."""
 
+    __module__ = "asgi_dbpool"  # tracebacks name the public class, not a private module
+
 
 MAX_CONNECTIONS = 10_000  # no PostgreSQL server takes more from one process
 MAX_WORKERS = 1_000
@@ -117,8 +119,13 @@ def workers_value(name: str, raw: object) -> int:
     return whole(name, raw, minimum=1, maximum=MAX_WORKERS)
 
 
+#: Spellings of ENVIRONMENT that mean production (any case); every other name picks the development defaults.
+PRODUCTION_NAMES = frozenset({"production", "prod"})
+
+
 def environment_name(raw: str) -> str:
+    """The environment's name, lower case; ``prod`` and ``production`` in any case become ``production``."""
     text = raw.strip().lower()
     if not text or not all(ch.isalnum() or ch in "-_." for ch in text) or len(text) > 64:
         raise ConfigError(f"ENVIRONMENT={raw!r} is not an environment name; use e.g. production or development.")
-    return text
+    return "production" if text in PRODUCTION_NAMES else text

@@ -36,9 +36,9 @@ def name_engines(engines: Any) -> dict[str, Any]:
     if hasattr(engines, "items"):
         named = dict(engines.items())
         if not named:
-            raise ValueError("asgi_dbpool: the engine mapping is empty; pass at least one AsyncEngine.")
+            raise ValueError("the engine mapping is empty; pass at least one AsyncEngine.")
         for key, value in named.items():
             if not isinstance(key, str) or not (isinstance(value, AsyncEngine) or hasattr(value, "pool")):
-                raise TypeError(f"asgi_dbpool: engine {key!r}: expected an AsyncEngine or Engine, got {value!r}.")
+                raise TypeError(f"engine {key!r}: expected an AsyncEngine or Engine, got {value!r}.")
         return named
-    raise TypeError(f"asgi_dbpool: expected an AsyncEngine or a mapping of names to engines, got {engines!r}.")
+    raise TypeError(f"expected an AsyncEngine or a mapping of names to engines, got {engines!r}.")

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
 from ._lifespan import describe_task, one_line
+from ._records import fields
 from ._tracker import PoolTracker
 
 logger = logging.getLogger("asgi_dbpool")
@@ -56,10 +57,11 @@ class ShutdownClock:
         except TimeoutError:
             detail = still_running() if callable(still_running) else ""
             logger.warning(
-                "asgi_dbpool: shutdown budget (shutdown_timeout=%.1fs) ran out waiting for %s%s; moving on",
+                "shutdown budget (shutdown_timeout=%.1fs) ran out waiting for %s%s; moving on",
                 self.seconds,
                 what,
                 f"; still running: {detail}" if detail else "",
+                extra=fields("overrun", waiting_for=what, still_running=detail, budget=self.seconds),
             )
             return False
 
@@ -98,7 +100,13 @@ async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, l
     owners = set().union(*(t.owners(me) for t in trackers))
     if owners:
         names = ", ".join(sorted(describe_task(t) for t in owners))
-        logger.log(level, "asgi_dbpool: cancelling %d task(s) still holding connections: %s", len(owners), names)
+        logger.log(
+            level,
+            "cancelling %d task(s) still holding connections: %s",
+            len(owners),
+            names,
+            extra=fields("holders", tasks=sorted(describe_task(t) for t in owners)),
+        )
         # At most half of what is left (the rest is for closing connections), and no more than HOLDERS_TIMEOUT:
         # a holder stuck on a database that stopped answering is freed by closing its connection below.
         halfway = clock.deadline - clock.left(clock.deadline) / 2
@@ -116,29 +124,38 @@ async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, l
             aborted = await asyncio.gather(*(tracker.close_connections(seconds) for tracker in trackers))
             if sum(aborted):
                 logger.warning(
-                    "asgi_dbpool: the database did not answer within %.1fs at shutdown: %s connection(s) closed on "
+                    "the database did not answer within %.1fs at shutdown: %s connection(s) closed on "
                     "our side without its acknowledgement (it ends them when it notices, or at its idle timeout)",
                     seconds,
                     " + ".join(f"{t.name}={n}" for t, n in zip(trackers, aborted, strict=True) if n),
+                    extra=fields(
+                        "silent_database",
+                        seconds=seconds,
+                        aborted={t.name: n for t, n in zip(trackers, aborted, strict=True) if n},
+                    ),
                 )
             leaks = [report for tracker in trackers for report in await tracker.close_leaks()]
             results = await asyncio.gather(*(tracker.dispose() for tracker in trackers), return_exceptions=True)
             await _reap(owners)
     except TimeoutError:
         logger.warning(
-            "asgi_dbpool: shutdown budget (shutdown_timeout=%.1fs) ran out closing connections; still open: %s",
+            "shutdown budget (shutdown_timeout=%.1fs) ran out closing connections; still open: %s",
             clock.seconds,
             ", ".join(f"{t.name}={t.snapshot()['checked_in'] + len(t.checkouts)}" for t in trackers),
+            extra=fields("overrun", waiting_for="closing connections", budget=clock.seconds),
         )
         return
     for tracker, result in zip(trackers, results, strict=True):
         if isinstance(result, BaseException):
-            logger.warning("asgi_dbpool: engine %r: dispose failed: %s", tracker.name, one_line(result))
+            logger.warning(
+                "engine %r: dispose failed: %s", tracker.name, one_line(result), extra=fields("dispose", tracker.name)
+            )
     logger.log(
         level,
-        "asgi_dbpool: %d engine(s) disposed; leaks: %s",
+        "%d engine(s) disposed; leaks: %s",
         len(trackers),
         f"{len(leaks)} closed (see warnings above)" if leaks else "none",
+        extra=fields("dispose", engines=len(trackers), leaks=len(leaks)),
     )
 
 

@@ -13,6 +13,7 @@ from ._advice import Topology, budget_lines, read_server
 from ._lifespan import one_line
 from ._monitor import check_leaks
 from ._parse import mask_url
+from ._records import fields
 from ._tracker import PoolTracker
 
 logger = logging.getLogger("asgi_dbpool")
@@ -20,6 +21,8 @@ logger = logging.getLogger("asgi_dbpool")
 
 class StartupError(RuntimeError):
     """Startup cannot go on: a database is unreachable, or an engine is already managed (one line for the server)."""
+
+    __module__ = "asgi_dbpool"  # tracebacks name the public class, not a private module
 
 
 async def check_reachable(trackers: Sequence[PoolTracker], seconds: float) -> None:
@@ -47,23 +50,24 @@ async def check_budget(
             await read_server(tracker)
         except Exception as exc:  # advice and the budget check go without; nothing else depends on it
             logger.info(
-                "asgi_dbpool: could not read the server settings of %r (no budget check, no recycle advice): %s",
+                "could not read the server settings of %r (no budget check, no recycle advice): %s",
                 tracker.name,
                 one_line(exc),
             )
     for tracker in trackers:
         if pgbouncer_mode(tracker) == "unknown":
             logger.warning(
-                "asgi_dbpool: engine %r at %s goes through a connection pooler (the process id it was given at "
+                "engine %r at %s goes through a connection pooler (the process id it was given at "
                 "connect time is not the server's pg_backend_pid()) but DB_PGBOUNCER is not set: with PgBouncer's "
                 "transaction pooling set DB_PGBOUNCER=transaction and build the engine with "
                 "PoolSettings.create_async_engine(), or queries fail with 'prepared statement ... does not exist'; "
                 "otherwise set DB_PGBOUNCER=session (or pass pgbouncer='session' to the middleware)",
                 tracker.name,
                 mask_url(tracker.engine.url),
+                extra=fields("pooler", tracker.name),
             )
     for level, line in budget_lines(trackers, topology, pgbouncer_mode):
-        logger.log(level, line)
+        logger.log(level, line, extra=fields("budget", workers=topology.workers, hosts=topology.hosts))
 
 
 async def watch_leaks(trackers: Sequence[PoolTracker], threshold: float) -> None:

@@ -46,7 +46,7 @@ class PoolStatsApp:
         shutting_down: Callable[[], bool] = is_shutting_down,
     ) -> None:
         if token is not None and not token:
-            raise ValueError("asgi_dbpool: stats_token='' would accept no request; pass None to turn auth off.")
+            raise ValueError("stats_token='' would accept no request; pass None to turn auth off.")
         named = name_engines(engines)
         self.trackers: list[PoolTracker] = [tracker_for(engine, name) for name, engine in named.items()]
         self.names = list(named)
@@ -104,7 +104,7 @@ class PoolStatsApp:
                 return
             body = self.advice() if sub == "advice" else self.figures()
         except Exception:
-            logger.exception("asgi_dbpool: could not read the pool figures")
+            logger.exception("could not read the pool figures")
             await _reply(send, 503, {"detail": "pool figures unavailable"}, head)
             return
         await _reply(send, 200, body, head)

@@ -16,6 +16,7 @@ from sqlalchemy.util import greenlet_spawn
 from ._acquire import Acquisition, PoolClosedError, PoolOverloadedError
 from ._checkout import Checkout, checkout_site, checkout_stack, current_request, current_task, on_session_commit
 from ._histogram import Histogram
+from ._records import fields
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -95,7 +96,13 @@ class PoolTracker:
     def _on_checkin(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         if self.overloaded and not self.acquisition.pending:  # a connection is free and nobody waits: it is over
             self.overloaded = False
-            logger.info("asgi_dbpool: engine %r: pool no longer exhausted (%s)", self.name, self._figures())
+            figures = self._figures()
+            logger.info(
+                "engine %r: pool no longer exhausted (%s)",
+                self.name,
+                ", ".join(f"{k}={v}" for k, v in figures.items()),
+                extra=fields("recovered", self.name, **figures),
+            )
         self.acquisition.starting.pop(id(record), None)
         checkout = self.checkouts.pop(id(record), None)
         if checkout is not None:
@@ -103,10 +110,11 @@ class PoolTracker:
             self.use.observe(held)
             if checkout.reported:
                 logger.info(
-                    "asgi_dbpool: engine %r: the connection checked out at %s came back after %.1fs",
+                    "engine %r: the connection checked out at %s came back after %.1fs",
                     self.name,
                     checkout.site,
                     held,
+                    extra=fields("leak_returned", self.name, site=checkout.site, held=held),
                 )
 
     def _on_detach(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
@@ -134,18 +142,24 @@ class PoolTracker:
             request.exhausted = self
         if not self.overloaded:
             self.overloaded = True
+            figures = self._figures()
             logger.warning(
-                "asgi_dbpool: engine %r: pool exhausted (%s); answering 503 with Retry-After until it recovers",
+                "engine %r: pool exhausted (%s); answering 503 with Retry-After until it recovers",
                 self.name,
-                self._figures(),
+                ", ".join(f"{k}={v}" for k, v in figures.items()),
+                extra=fields("exhausted", self.name, **figures),
             )
 
-    def _figures(self) -> str:
+    def _figures(self) -> dict[str, int]:
         snap, acquisition = self.snapshot(), self.acquisition
-        return (
-            f"pool_size={snap['pool_size']}, checked_out={snap['checked_out']}, overflow={snap['overflow']}, "
-            f"waiting={acquisition.pending}, timeouts={acquisition.timeouts}, rejected={acquisition.rejected}"
-        )
+        return {
+            "pool_size": snap["pool_size"],
+            "checked_out": snap["checked_out"],
+            "overflow": snap["overflow"],
+            "waiting": acquisition.pending,
+            "timeouts": acquisition.timeouts,
+            "rejected": acquisition.rejected,
+        }
 
     def pool_size(self) -> int:
         pool: Any = self.engine.pool
@@ -186,7 +200,12 @@ class PoolTracker:
         for leak in leaks:
             text = leak.describe(now)
             reports.append(text)
-            logger.warning("asgi_dbpool: engine %r: closing a leaked connection %s", self.name, text)
+            logger.warning(
+                "engine %r: closing a leaked connection %s",
+                self.name,
+                text,
+                extra=fields("reclaim", self.name, site=leak.site),
+            )
         await asyncio.gather(*(self._invalidate(leak) for leak in leaks))
         return reports
 
@@ -205,7 +224,7 @@ class PoolTracker:
                 else:
                     await asyncio.to_thread(proxy.invalidate)
         except Exception:
-            logger.exception("asgi_dbpool: engine %r: could not close a leaked connection %s", self.name, leak.site)
+            logger.exception("engine %r: could not close a leaked connection %s", self.name, leak.site)
         finally:
             self._reclaiming.discard(key)
             self.checkouts.pop(key, None)

@@ -25,7 +25,7 @@ def middleware_of(conn: HTTPConnection) -> DBPoolMiddleware:
     mw = state.get(STATE_KEY)
     if not isinstance(mw, DBPoolMiddleware):
         raise RuntimeError(
-            "asgi_dbpool: no DBPoolMiddleware in this request's state; wrap the app with DBPoolMiddleware "
+            "no DBPoolMiddleware in this request's state; wrap the app with DBPoolMiddleware "
             "(or app.add_middleware(DBPoolMiddleware, engine=...)) before using get_session."
         )
     return mw

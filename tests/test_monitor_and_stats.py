@@ -60,13 +60,13 @@ async def test_monitor_warns_once_per_episode_and_says_when_it_clears(
     assert monitor_lines(caplog) == [
         (
             "WARNING",
-            "asgi_dbpool: pool 'main' under pressure: checked_out=5 > 0.8 x pool_size=5 (pool_size=5, checked_in=0, "
+            "pool 'main' under pressure: checked_out=5 > 0.8 x pool_size=5 (pool_size=5, checked_in=0, "
             "checked_out=5, overflow=0, invalid=0); consider raising DB_POOL_SIZE or finding slow queries and "
             "leaked sessions",
         ),
         (
             "INFO",
-            "asgi_dbpool: pool 'main' back to normal (pool_size=5, checked_in=5, checked_out=0, overflow=0, invalid=0)",
+            "pool 'main' back to normal (pool_size=5, checked_in=5, checked_out=0, overflow=0, invalid=0)",
         ),
     ]
 
@@ -88,7 +88,7 @@ async def test_monitor_survives_a_failing_pool(caplog: pytest.LogCaptureFixture)
         await task
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) >= 3
-    assert errors[0].getMessage() == "asgi_dbpool: could not read pool 'broken'"
+    assert errors[0].getMessage() == "could not read pool 'broken'"
 
 
 async def test_monitor_runs_under_the_middleware_and_stops_at_shutdown(make_engine: Callable[..., AsyncEngine]) -> None:

@@ -109,14 +109,14 @@ async def test_leak_detection_warns_with_the_stack_and_reports_the_return(
         metrics = samples((await client.get(PATH + "/metrics")).text)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
-    assert warnings[0].startswith("asgi_dbpool: engine 'default': connection held for ")
+    assert warnings[0].startswith("engine 'default': connection held for ")
     assert "(leak threshold 0.1s), checked out at:" in warnings[0]
     assert f"{__file__}:" in warnings[0]
     assert " in slow_report" in warnings[0]
     assert f" in {test_leak_detection_warns_with_the_stack_and_reports_the_return.__name__}" in warnings[0]
     returned = [r.getMessage() for r in caplog.records if "came back after" in r.getMessage()]
     assert len(returned) == 1
-    assert returned[0].startswith(f"asgi_dbpool: engine 'default': the connection checked out at {__file__}:")
+    assert returned[0].startswith(f"engine 'default': the connection checked out at {__file__}:")
     assert metrics[("asgi_dbpool_leaks_total", (("pool_name", "default"),))] == 1
 
 
@@ -158,7 +158,7 @@ async def test_budget_check_warns_with_the_arithmetic(
     async with LifespanManager(DBPoolMiddleware(Starlette(), engine)):
         pass
     (line,) = [r.getMessage() for r in caplog.records]
-    assert line.startswith("asgi_dbpool: connection budget exceeded on postgresql+asyncpg://postgres:***@")
+    assert line.startswith("connection budget exceeded on postgresql+asyncpg://postgres:***@")
     assert ": 4 worker(s) x (30 + 40) = 280 connections > max_connections 100 - reserved 3 = 97;" in line
 
 

@@ -97,7 +97,7 @@ async def test_pool_timeout_becomes_503_with_retry_after(
     assert tracker.overload_answers == statuses.count(503)
     exhausted = [r.getMessage() for r in caplog.records if "pool exhausted" in r.getMessage()]
     assert len(exhausted) == 1  # one WARNING per episode
-    assert exhausted[0].startswith("asgi_dbpool: engine 'default': pool exhausted (pool_size=2, checked_out=2,")
+    assert exhausted[0].startswith("engine 'default': pool exhausted (pool_size=2, checked_out=2,")
     assert any("pool no longer exhausted" in r.getMessage() for r in caplog.records)
 
 

@@ -113,7 +113,7 @@ async def test_workers_through_pgbouncer_transaction_mode(
         stored = await run.stored()
         assert {t: stored.get(t) for t in run.ids} == run.ids
         assert set(stored) == set(run.ids)
-        assert output.count("asgi_dbpool: shutdown finished in") == 4, output
+        assert output.count("shutdown finished in") == 4, output
         # The budget check knew PgBouncer was in front (from PoolSettings) and did not count 4 x 30 against
         # max_connections.
         assert output.count("connection budget through PgBouncer (transaction pooling)") == 4, output
@@ -148,6 +148,11 @@ async def test_workers_through_pgbouncer_control_fails(
 
 
 @pytest.mark.servers
+# httpx's connect (anyio's happy eyeballs) can leave an attempt coroutine unawaited when the bare app's server
+# goes away mid-connect: a client-side leftover in this test process, not the server's output under test.
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <coroutine object connect_tcp:pytest.PytestUnraisableExceptionWarning"
+)
 async def test_shutdown_through_pgbouncer_control_without_the_middleware(
     database_url: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -198,11 +203,11 @@ async def test_a_pooler_in_front_is_noticed_when_not_configured(
     ]
     where = f"at {mask_url(engine.url)}"
     assert [level for level, _ in lines] == ["WARNING", "INFO", "INFO"], lines
-    assert lines[0][1].startswith(f"asgi_dbpool: engine 'default' {where} goes through a connection pooler (the ")
+    assert lines[0][1].startswith(f"engine 'default' {where} goes through a connection pooler (the ")
     assert "set DB_PGBOUNCER=transaction and build the engine with PoolSettings.create_async_engine()" in lines[0][1]
     assert lines[1][1].startswith(
-        f"asgi_dbpool: connection budget through a connection pooler (DB_PGBOUNCER not set) {where}: "
+        f"connection budget through a connection pooler (DB_PGBOUNCER not set) {where}: "
         "2 worker(s) x (5 + 5) = 20 client connections"
     )
     # Told the mode, it only reasons about the budget.
-    assert lines[2][1].startswith(f"asgi_dbpool: connection budget through PgBouncer (transaction pooling) {where}")
+    assert lines[2][1].startswith(f"connection budget through PgBouncer (transaction pooling) {where}")

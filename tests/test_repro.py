@@ -58,11 +58,11 @@ def test_with_the_middleware_there_is_none(server: str, database_url: str) -> No
     leak_reports = [line for line in events if "closing a leaked connection checked out at" in line]
     assert len(leak_reports) == 2
     assert all(f"{ROOT}/tests/apps/repro.py:" in line for line in leak_reports)
-    assert "INFO asgi_dbpool: 1 engine(s) disposed; leaks: 2 closed (see warnings above)" in events
+    assert "INFO 1 engine(s) disposed; leaks: 2 closed (see warnings above)" in events
     # uvicorn closes open WebSockets itself before lifespan.shutdown; under hypercorn the middleware's shutdown
     # trigger does (hypercorn itself would only after its graceful timeout, and on Python 3.12+ never).
     assert "client saw close code 1012" in events
     if server == "hypercorn":
-        assert "INFO asgi_dbpool: the server is stopping: 1 WebSocket(s) closed with 1012" in events
+        assert "INFO the server is stopping: 1 WebSocket(s) closed with 1012" in events
     assert [line for line in events if not line.startswith(("INFO", "WARNING", "client saw"))] == []
     assert sum(line.startswith("WARNING") for line in events) == 2

@@ -73,7 +73,7 @@ async def test_wrapped_app_shuts_down_clean(server: str, case: str, database_url
     assert run.unclean() == []
     assert await run.backends_left() == 0
     # the middleware said what it did
-    assert "asgi_dbpool: 1 engine(s) disposed; leaks: 2 closed (see warnings above)" in output
+    assert "1 engine(s) disposed; leaks: 2 closed (see warnings above)" in output
     assert output.count("closing a leaked connection checked out at") == 2
 
 
@@ -103,7 +103,7 @@ async def test_granian_kill_timeout_skips_the_shutdown(database_url: str, tmp_pa
     run = await run_case("granian", "graceful-timeout", True, database_url, tmp_path)
     output = run.output()
     assert "[WARNING] Killing worker-1 after it refused to gracefully stop" in output
-    assert "asgi_dbpool: shutdown flag set" not in output  # the lifespan shutdown never started
+    assert "shutdown flag set" not in output  # the lifespan shutdown never started
     assert run.exit_code == 0
     assert run.ids == {}  # no write was acknowledged...
     assert set(run.writes.values()) == {"RemoteProtocolError"}  # ...each connection was dropped

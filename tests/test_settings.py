@@ -38,6 +38,12 @@ def test_production_defaults() -> None:
     assert s.is_production
 
 
+@pytest.mark.parametrize("spelling", ["prod", "PROD", "Prod", "production", "PRODUCTION"])
+def test_the_common_spellings_of_production(spelling: str) -> None:
+    s = PoolSettings.from_env({"ENVIRONMENT": spelling})
+    assert (s.environment, s.pool_size, s.max_overflow, s.pool_recycle) == ("production", 30, 40, 1800)
+
+
 def test_variables_override_the_profile() -> None:
     s = PoolSettings.from_env(
         {

@@ -103,14 +103,24 @@ async def test_steps_run_in_order(make_engine: Callable[..., AsyncEngine], caplo
     assert peer.task.exception() is None
     log = messages(caplog)
     assert log[1:] == [
-        "asgi_dbpool: shutdown flag set (budget 5.0s)",
-        "asgi_dbpool: 1 WebSocket(s) closed (1 were open, 0 already closed by the server)",
-        "asgi_dbpool: 1 in-flight request(s) drained",
-        "asgi_dbpool: monitor and 1 registered task(s) stopped",
-        "asgi_dbpool: 1 engine(s) disposed; leaks: none",
+        "shutdown flag set (budget 5.0s)",
+        "1 WebSocket(s) closed (1 were open, 0 already closed by the server; 0 closed by the server "
+        "before the shutdown)",
+        "1 in-flight request(s) drained",
+        "monitor and 1 registered task(s) stopped",
+        "1 engine(s) disposed; leaks: none",
         log[-1],
     ]
-    assert log[-1].startswith("asgi_dbpool: shutdown finished in ")
+    assert log[-1].startswith("shutdown finished in ")
+    # The same records carry their data for JSON log setups.
+    data = [(r.step, r.engine, r.figures) for r in caplog.records if r.name == "asgi_dbpool"][1:-1]  # type: ignore[attr-defined]
+    assert data == [
+        ("flag", None, {"budget": 5.0}),
+        ("websockets", None, {"closed": 1, "open": 1, "already_closed": 0, "closed_by_server_before": 0}),
+        ("drain", None, {"drained": 1}),
+        ("tasks", None, {"stopped": 1}),
+        ("dispose", None, {"engines": 1, "leaks": 0}),
+    ]
 
 
 async def test_websocket_closed_by_the_server_first_is_fine(make_engine: Callable[..., AsyncEngine]) -> None:
@@ -131,6 +141,35 @@ async def test_websocket_closed_by_the_server_first_is_fine(make_engine: Callabl
     assert peer.task is not None
     await peer.task  # the WebSocketDisconnect was logged at DEBUG, not raised to the server
     assert peer.types() == ["websocket.accept"]
+
+
+async def test_the_shutdown_counts_the_websockets_the_server_closed_before_it(
+    make_engine: Callable[..., AsyncEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    """uvicorn closes open WebSockets with 1012, then sends lifespan.shutdown: the line says so."""
+    engine = make_engine()
+
+    async def ws_endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        with contextlib.suppress(WebSocketDisconnect):
+            await websocket.receive_text()
+
+    app = DBPoolMiddleware(Starlette(routes=[WebSocketRoute("/ws", ws_endpoint)]), engine)
+    driver = LifespanDriver(app)
+    caplog.set_level(logging.INFO, logger="asgi_dbpool")
+    await driver.startup()
+    peers = [WebSocketPeer(app, state=driver.state) for _ in range(2)]
+    for peer in peers:
+        await peer.connect()
+    for peer, code in zip(peers, (1012, 1000), strict=True):  # the server's shutdown close; a client's close
+        await peer.inbox.put({"type": "websocket.disconnect", "code": code})
+        assert peer.task is not None
+        await peer.task
+    assert await driver.shutdown() == {"type": "lifespan.shutdown.complete"}
+    assert (
+        "0 WebSocket(s) closed (0 were open, 0 already closed by the server; 1 closed by the server "
+        "before the shutdown)"
+    ) in messages(caplog)
 
 
 async def test_a_close_frame_the_server_never_takes_holds_nothing_up(
@@ -166,11 +205,11 @@ async def test_a_close_frame_the_server_never_takes_holds_nothing_up(
     assert peer.task.exception() is None
     log = messages(caplog)
     assert log[1:5] == [
-        "asgi_dbpool: shutdown flag set (budget 5.0s)",
-        "asgi_dbpool: the server did not take the close frame of 1 WebSocket(s) within 1.0s; their handlers were "
-        "interrupted anyway",
-        "asgi_dbpool: 0 WebSocket(s) closed (1 were open, 0 already closed by the server)",
-        "asgi_dbpool: 0 in-flight request(s) drained",
+        "shutdown flag set (budget 5.0s)",
+        "the server did not take the close frame of 1 WebSocket(s) within 1.0s; their handlers were interrupted anyway",
+        "0 WebSocket(s) closed (1 were open, 0 already closed by the server; 0 closed by the server "
+        "before the shutdown)",
+        "0 in-flight request(s) drained",
     ]
     assert messages(caplog, logging.WARNING) == [log[2]]  # no drain overrun: the drain budget was not eaten
 
@@ -284,7 +323,7 @@ async def test_budget_runs_out_but_the_answer_still_goes_out(
         await client.aclose()
     overruns = messages(caplog, logging.WARNING)
     assert overruns == [
-        "asgi_dbpool: shutdown budget (shutdown_timeout=0.5s) ran out waiting for in-flight HTTP requests; "
+        "shutdown budget (shutdown_timeout=0.5s) ran out waiting for in-flight HTTP requests; "
         "still running: 1 request(s); moving on"
     ]
 
@@ -326,8 +365,8 @@ async def test_force_exit_still_closes_connections(
     assert driver.types() == ["lifespan.startup.complete"]
     assert task.cancelled()
     log = messages(caplog)
-    assert "asgi_dbpool: lifespan cancelled without a shutdown message; closing connections now" in log
-    holders = f"asgi_dbpool: cancelling 1 task(s) still holding connections: worker ({worker.__qualname__})"
+    assert "lifespan cancelled without a shutdown message; closing connections now" in log
+    holders = f"cancelling 1 task(s) still holding connections: worker ({worker.__qualname__})"
     assert holders in log
     assert sum("closing a leaked connection" in line for line in log) == 1
     assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
@@ -382,7 +421,7 @@ async def test_disconnect_raised_after_a_server_shutdown_close(
     assert peer.task is not None
     if swallowed:
         await peer.task
-        assert f"asgi_dbpool: WebSocket handler ended by shutdown with WebSocketDisconnect({code}" in caplog.text
+        assert f"WebSocket handler ended by shutdown with WebSocketDisconnect({code}" in caplog.text
     else:
         with pytest.raises(WebSocketDisconnect):
             await peer.task
@@ -435,7 +474,7 @@ async def test_a_request_cancelled_by_the_server_gets_a_clean_503(
     assert sent[0]["status"] == 503
     assert (b"connection", b"close") in sent[0]["headers"]
     assert messages(caplog, logging.WARNING) == [
-        "asgi_dbpool: POST / was cancelled by the server (shutting down) before it answered; answering 503"
+        "POST / was cancelled by the server (shutting down) before it answered; answering 503"
     ]
 
 
@@ -513,7 +552,7 @@ async def test_tasks_waiting_for_a_connection_are_stopped_before_dispose(
     assert [t.cancelled() for t in tasks] == [True, True]
     assert outcome == {"holder": "cancelled", "waiter": "cancelled"}
     names = f"holder ({holder.__qualname__}), waiter ({waiter.__qualname__})"
-    assert f"asgi_dbpool: cancelling 2 task(s) still holding connections: {names}" in messages(caplog)
+    assert f"cancelling 2 task(s) still holding connections: {names}" in messages(caplog)
     assert messages(caplog, logging.WARNING) == []
     assert (tracker.acquisition.acquiring, tracker.acquisition.starting) == (set(), {})
     assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
@@ -544,9 +583,7 @@ async def test_a_request_cancelled_after_its_commit_gets_500_without_retry_after
         sent = await cut_off_post(app, committed)
     assert sent[0]["status"] == 500
     assert b"retry-after" not in dict(sent[0]["headers"])
-    assert messages(caplog, logging.WARNING) == [
-        "asgi_dbpool: POST / was cancelled by the server after it committed; answering 500"
-    ]
+    assert messages(caplog, logging.WARNING) == ["POST / was cancelled by the server after it committed; answering 500"]
     conn = await asyncpg.connect(asyncpg_dsn(database_url))
     try:
         assert await conn.fetchval("SELECT count(*) FROM cut_writes") == 1  # the commit did happen

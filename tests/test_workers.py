@@ -61,7 +61,7 @@ async def test_workers_shut_down_clean(server: str, database_url: str, tmp_path:
     assert run.unclean() == []
     assert await run.backends_left() == 0
     # every worker ran the whole shutdown: four "disposed" lines, one per process
-    assert output.count("asgi_dbpool: shutdown finished in") == 4, output
+    assert output.count("shutdown finished in") == 4, output
 
 
 @pytest.mark.parametrize("server", SERVERS)
