@@ -56,6 +56,26 @@ COMMON_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: The environment variables ``PoolSettings.from_env`` reads (besides ENVIRONMENT): variable -> (field, parser).
+ENV_READERS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "DB_POOL_SIZE": ("pool_size", lambda n, v: whole(n, v, minimum=1)),
+    "DB_MAX_OVERFLOW": ("max_overflow", lambda n, v: whole(n, v, minimum=0)),
+    "DB_POOL_TIMEOUT": ("pool_timeout", lambda n, v: seconds(n, v, allow_zero=False)),
+    "DB_POOL_RECYCLE": ("pool_recycle", lambda n, v: whole(n, v, minimum=0, maximum=int(MAX_SECONDS))),
+    "DB_POOL_PRE_PING": ("pool_pre_ping", boolean),
+    "DB_QUERY_TIMEOUT": ("query_timeout", lambda n, v: seconds(n, v, allow_zero=True)),
+    "DB_POOL_LEAK_THRESHOLD": ("leak_threshold", lambda n, v: seconds(n, v, allow_zero=True)),
+    "DB_POOL_RETRY_AFTER": ("retry_after", lambda n, v: whole(n, v, minimum=0, maximum=3600)),
+    "DB_POOL_MAX_PENDING": ("max_pending", lambda n, v: whole(n, v, minimum=0)),
+    "DB_PGBOUNCER": ("pgbouncer", pgbouncer_mode),
+    "DB_PGBOUNCER_POOL_SIZE": ("pgbouncer_pool_size", lambda n, v: whole(n, v, minimum=0)),
+    "WEB_CONCURRENCY": ("workers", workers_value),
+    "DB_HOSTS": ("hosts", lambda n, v: whole(n, v, minimum=1, maximum=MAX_WORKERS)),
+    "ASYNC_DATABASE_URL": ("async_database_url", lambda n, v: url_value(n, v, ASYNC_DRIVERS)),
+    "DATABASE_URL": ("database_url", lambda n, v: url_value(n, v, ASYNC_DRIVERS | SYNC_DRIVERS)),
+}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
 class PoolSettings:
     """Pool options, validated; build them with :meth:`from_env` or directly."""
@@ -108,24 +128,7 @@ class PoolSettings:
             **COMMON_DEFAULTS,
             **PROFILES["production" if environment == "production" else "development"],
         }
-        readers: dict[str, tuple[str, Callable[[str, str], Any]]] = {
-            "DB_POOL_SIZE": ("pool_size", lambda n, v: whole(n, v, minimum=1)),
-            "DB_MAX_OVERFLOW": ("max_overflow", lambda n, v: whole(n, v, minimum=0)),
-            "DB_POOL_TIMEOUT": ("pool_timeout", lambda n, v: seconds(n, v, allow_zero=False)),
-            "DB_POOL_RECYCLE": ("pool_recycle", lambda n, v: whole(n, v, minimum=0, maximum=int(MAX_SECONDS))),
-            "DB_POOL_PRE_PING": ("pool_pre_ping", boolean),
-            "DB_QUERY_TIMEOUT": ("query_timeout", lambda n, v: seconds(n, v, allow_zero=True)),
-            "DB_POOL_LEAK_THRESHOLD": ("leak_threshold", lambda n, v: seconds(n, v, allow_zero=True)),
-            "DB_POOL_RETRY_AFTER": ("retry_after", lambda n, v: whole(n, v, minimum=0, maximum=3600)),
-            "DB_POOL_MAX_PENDING": ("max_pending", lambda n, v: whole(n, v, minimum=0)),
-            "DB_PGBOUNCER": ("pgbouncer", pgbouncer_mode),
-            "DB_PGBOUNCER_POOL_SIZE": ("pgbouncer_pool_size", lambda n, v: whole(n, v, minimum=0)),
-            "WEB_CONCURRENCY": ("workers", workers_value),
-            "DB_HOSTS": ("hosts", lambda n, v: whole(n, v, minimum=1, maximum=MAX_WORKERS)),
-            "ASYNC_DATABASE_URL": ("async_database_url", lambda n, v: url_value(n, v, ASYNC_DRIVERS)),
-            "DATABASE_URL": ("database_url", lambda n, v: url_value(n, v, ASYNC_DRIVERS | SYNC_DRIVERS)),
-        }
-        for variable, (field, read) in readers.items():
+        for variable, (field, read) in ENV_READERS.items():
             if variable in env:
                 values[field] = read(variable, env[variable])
         return cls(environment=environment, **values)

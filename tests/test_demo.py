@@ -76,6 +76,14 @@ async def test_demo_runs_and_stops_cleanly(server: str, tmp_path: Path) -> None:
             assert (await client.post("/users", content=b"{")).json() == {"detail": "the body must be JSON"}
             assert (await client.get("/users/1")).json()["name"] == "Ann"
             assert (await client.get("/users/99")).status_code == 404
+            endpoints = (await client.get("/")).json()["endpoints"]
+            assert {"POST /users", "PATCH /tasks/{task_id:int}", "WEBSOCKET /ws/tasks"} <= set(endpoints)
+            assert "GET /api/system/database/pool/metrics" in endpoints
+            invalid = await client.post("/tasks", json={})
+            assert (invalid.status_code, invalid.json()) == (
+                400,
+                {"detail": "the body must be a JSON object with title (a non-empty string), user_id (a whole number)"},
+            )
 
             async with websockets.connect(f"ws://127.0.0.1:{port}/ws/tasks") as ws:
                 assert json.loads(await ws.recv()) == {"event": "snapshot", "tasks": []}
@@ -100,6 +108,7 @@ async def test_demo_runs_and_stops_cleanly(server: str, tmp_path: Path) -> None:
             proc.wait()
     output = log.read_text()
     assert code == 0, output
+    assert len(re.findall(r"[Rr]unning on http://", output)) == 1, output  # the server's line, once
     for marker in NOISE:
         assert marker not in output, output
     levels = re.findall(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) +(\S+): (.*)$", output, flags=re.M)
