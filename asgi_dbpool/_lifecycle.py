@@ -181,14 +181,8 @@ class Lifecycle:
         self._enter_shutdown()
         logger.info("lifespan cancelled without a shutdown message; closing connections now")
         await self.connections.close_websockets(clock.drain_deadline)
-        if self.inner is not None:
-            self.inner.cancel()
         await clock.wait(self.connections.wait_websockets(), "WebSocket handlers", clock.drain_deadline)
-        await clock.cancel_and_wait(
-            [*self._own_tasks(), *self.tasks], "the monitor and registered tasks", clock.app_deadline
-        )
-        await close_engines(self.all_trackers, clock)
-        self._stopped()
+        await self._stop_everything(clock, logging.INFO)
 
     async def server_stops(self, code: int) -> None:
         """The server began to stop (its shutdown trigger fired): close open WebSockets with ``code``; refuse more."""
@@ -274,15 +268,16 @@ class Lifecycle:
         server reports the failure in one line)."""
         clock = ShutdownClock(min(self.options.shutdown_timeout, FORCE_EXIT_BUDGET))
         self._enter_shutdown()
-        if self.inner is not None:
-            self.inner.cancel()
-            await clock.cancel_and_wait(
-                [t for t in [self.inner.task] if t is not None], "the wrapped app", clock.drain_deadline
-            )
+        await self._stop_everything(clock, logging.DEBUG)
+
+    async def _stop_everything(self, clock: ShutdownClock, level: int) -> None:
+        """The forced paths' end: the app's lifespan, the monitor and registered tasks, every engine."""
+        if self.inner is not None and self.inner.task is not None:
+            await clock.cancel_and_wait([self.inner.task], "the wrapped app's lifespan", clock.drain_deadline)
         await clock.cancel_and_wait(
             [*self._own_tasks(), *self.tasks], "the monitor and registered tasks", clock.app_deadline
         )
-        await close_engines(self.all_trackers, clock, logging.DEBUG)
+        await close_engines(self.all_trackers, clock, level)
         self._stopped()
 
     def _own_tasks(self) -> list[asyncio.Task[Any]]:

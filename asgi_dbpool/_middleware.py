@@ -21,6 +21,7 @@ from ._connections import (
     respond,
 )
 from ._lifecycle import Lifecycle
+from ._monitor import PoolMonitor
 from ._options import DEFAULT_STATS_PATH, Options
 from ._registry import name_engines, tracker_for
 from ._stats import PoolStatsApp, route_path
@@ -93,7 +94,7 @@ class DBPoolMiddleware:
         self.stats_path = options.stats_path
         self.opentelemetry = _otel.enroll(self.all_trackers())
         self.sessionmakers = {name: async_sessionmaker(eng, expire_on_commit=False) for name, eng in named.items()}
-        self.stats_app = PoolStatsApp(named, token=options.stats_token, shutting_down=self.lifecycle_flag)
+        self.stats_app = PoolStatsApp(named, token=options.stats_token, shutting_down=lambda: self.shutting_down)
 
     # -- public helpers ----------------------------------------------------------------------------
     @property
@@ -101,11 +102,8 @@ class DBPoolMiddleware:
         """True from the first step of this app's shutdown on (``request.state.asgi_dbpool.shutting_down``)."""
         return self.lifecycle.shutting_down
 
-    def lifecycle_flag(self) -> bool:
-        return self.lifecycle.shutting_down
-
     @property
-    def monitor(self) -> Any:
+    def monitor(self) -> PoolMonitor:
         return self.lifecycle.monitor
 
     @property
