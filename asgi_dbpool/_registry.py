@@ -29,6 +29,11 @@ def tracker_for(engine: Engine | AsyncEngine, name: str) -> PoolTracker:
     return tracker
 
 
+def all_trackers() -> list[PoolTracker]:
+    """Every engine's tracker in this process (each engine a middleware or a stats app was given)."""
+    return list(_registry.values())
+
+
 def name_engines(engines: Any) -> dict[str, Any]:
     """Normalise ``engine`` arguments: one engine becomes ``{"default": engine}``; a mapping is kept in order."""
     if isinstance(engines, AsyncEngine) or (hasattr(engines, "pool") and hasattr(engines, "dispose")):

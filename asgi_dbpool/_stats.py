@@ -11,7 +11,7 @@ from typing import Any
 
 from ._advice import advise
 from ._guard import is_shutting_down
-from ._metrics import render
+from ._metrics import OPENMETRICS_1_0, TEXT_0_0_4, render, wants_openmetrics
 from ._registry import name_engines, tracker_for
 from ._tracker import PoolTracker
 from ._types import Receive, Scope, Send
@@ -99,8 +99,11 @@ class PoolStatsApp:
             return
         try:
             if sub == "metrics":
-                data = render(self.trackers, __version__).encode()
-                await _send(send, 200, data, head, [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")])
+                accept = dict(scope.get("headers") or []).get(b"accept", b"").decode("latin-1")
+                openmetrics = wants_openmetrics(accept)
+                data = render(self.trackers, __version__, openmetrics=openmetrics).encode()
+                kind = OPENMETRICS_1_0 if openmetrics else TEXT_0_0_4
+                await _send(send, 200, data, head, [(b"content-type", kind.encode())])
                 return
             body = self.advice() if sub == "advice" else self.figures()
         except Exception:

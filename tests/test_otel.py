@@ -60,3 +60,62 @@ async def test_instruments_on_the_global_meter_provider(
     assert seen[("db.client.connection.wait_time", "")].count == 3
     assert seen[("db.client.connection.use_time", "")].count == 2
     assert seen[("db.client.connection.create_time", "")].count == 1
+
+
+class SpecMeter:
+    """Stands in for a Meter: records what the semantic conventions' own create_* helpers ask for."""
+
+    def __init__(self) -> None:
+        self.spec: dict[str, tuple[str, str]] = {}
+
+    def __getattr__(self, method: str) -> Callable[..., None]:
+        kind = method.removeprefix("create_").removeprefix("observable_").replace("up_down_counter", "updowncounter")
+
+        def create(name: str, *args: Any, unit: str = "", **kwargs: Any) -> None:
+            self.spec[name] = (kind, unit)
+
+        return create
+
+
+def semantic_conventions() -> dict[str, tuple[str, str]]:
+    """``db.client.connection.*`` instrument name -> (kind, unit), from opentelemetry-semantic-conventions."""
+    import inspect
+
+    from opentelemetry.semconv._incubating.metrics import db_metrics
+
+    meter = SpecMeter()
+    for name, create in vars(db_metrics).items():
+        if name.startswith("create_db_client_connection_"):
+            extra = len(inspect.signature(create).parameters) - 1  # the observable ones take callbacks
+            create(meter, *([[]] * extra))
+    return meter.spec
+
+
+async def test_names_units_and_attributes_are_the_semantic_conventions(
+    reader: InMemoryMetricReader, make_engine: Callable[..., AsyncEngine]
+) -> None:
+    from opentelemetry.sdk.metrics.export import Histogram, Sum
+    from opentelemetry.semconv._incubating.attributes import db_attributes
+
+    engine = make_engine()
+    async with LifespanManager(DBPoolMiddleware(Starlette(), {"semconv_pool": engine})):
+        data = reader.get_metrics_data()
+    spec = semantic_conventions()
+    assert len(spec) >= 8
+    ours: dict[str, tuple[str, str]] = {}
+    keys: set[str] = set()
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            if scope.scope.name == "asgi_dbpool":
+                for metric in scope.metrics:
+                    points = metric.data
+                    if isinstance(points, Histogram):
+                        kind = "histogram"
+                    else:
+                        assert isinstance(points, Sum)
+                        kind = "counter" if points.is_monotonic else "updowncounter"
+                    ours[metric.name] = (kind, metric.unit or "")
+                    keys.update(key for point in points.data_points for key in point.attributes)
+    assert len(ours) == 8
+    assert {name: spec.get(name) for name in ours} == ours
+    assert keys == {db_attributes.DB_CLIENT_CONNECTION_POOL_NAME, db_attributes.DB_CLIENT_CONNECTION_STATE}
