@@ -6,7 +6,7 @@ import functools
 import inspect
 import logging
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 logger = logging.getLogger("asgi_dbpool")
@@ -93,16 +93,16 @@ class shutdown_tolerant(Generic[D]):
     Every other exception, and the same ``RuntimeError`` outside a shutdown, is re-raised.
     """
 
-    def __init__(self, default: D = None) -> None:  # type: ignore[assignment]
+    @overload
+    def __init__(self: shutdown_tolerant[None]) -> None: ...
+
+    @overload
+    def __init__(self, default: D) -> None: ...
+
+    def __init__(self, default: Any = None) -> None:
         self.default = default
 
-    @overload
-    def __call__(self, func: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T | D]]: ...
-
-    @overload
-    def __call__(self, func: Any) -> Any: ...
-
-    def __call__(self, func: Any) -> Any:
+    def __call__(self, func: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T | D]]:
         if not inspect.iscoroutinefunction(func):
             raise TypeError(
                 f"shutdown_tolerant decorates async functions only, got {func!r}; wrap the sync call site instead."

@@ -211,6 +211,14 @@ class Lifecycle:
             )
         engines = len(self.all_trackers)
         logger.info("%d engine(s) reachable; pool monitor started", engines, extra=fields("started", engines=engines))
+        options = self.options
+        if options.production and options.stats_path is not None and options.stats_token is None:
+            logger.warning(
+                "the pool endpoints at %s (figures, metrics, advice) answer anyone: set DB_POOL_STATS_TOKEN "
+                "(stats_token=) to require a bearer token, or DB_POOL_STATS_PATH=off (stats_path=None)",
+                options.stats_path,
+                extra=fields("public_endpoints", path=options.stats_path),
+            )
 
     async def _close_websockets(self, clock: ShutdownClock) -> None:
         """Close (idempotently) and wait for their handlers, which usually hold sessions."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
 logger = logging.getLogger("asgi_dbpool")
+_CURRENT: ContextVar[DBPoolMiddleware | None] = ContextVar("asgi_dbpool_middleware", default=None)
 
 __all__ = ["DEFAULT_STATS_PATH", "DBPoolMiddleware"]
 
@@ -63,6 +65,7 @@ class DBPoolMiddleware:
         pgbouncer_pool_size: int | None = None,
         retry_after: int = 1,
         max_pending: int | None = None,
+        production: bool = False,
     ) -> None:
         self.app = app
         self.options = options = Options(
@@ -79,6 +82,7 @@ class DBPoolMiddleware:
             pgbouncer_pool_size=pgbouncer_pool_size,
             retry_after=retry_after,
             max_pending=max_pending,
+            production=production,
         )
         named = name_engines(engine)
         for name, value in named.items():
@@ -97,6 +101,19 @@ class DBPoolMiddleware:
         self.stats_app = PoolStatsApp(named, token=options.stats_token, shutting_down=lambda: self.shutting_down)
 
     # -- public helpers ----------------------------------------------------------------------------
+    @classmethod
+    def current(cls) -> DBPoolMiddleware:
+        """The middleware whose lifespan is running in this context: from the wrapped app's own lifespan (a
+        FastAPI or Starlette ``lifespan``, also when it was added with ``add_middleware``) reach
+        ``register_task`` and ``sessionmaker``. In a request, ``request.state.asgi_dbpool`` is the same."""
+        middleware = _CURRENT.get()
+        if middleware is None:
+            raise RuntimeError(
+                "no DBPoolMiddleware lifespan is running in this context; call DBPoolMiddleware.current() from the "
+                "wrapped app's lifespan, or use request.state.asgi_dbpool in a request."
+            )
+        return middleware
+
     @property
     def shutting_down(self) -> bool:
         """True from the first step of this app's shutdown on (``request.state.asgi_dbpool.shutting_down``)."""
@@ -212,6 +229,7 @@ class DBPoolMiddleware:
         state = scope.get("state")
         if state is not None:
             state[STATE_KEY] = self
+        _CURRENT.set(self)  # the wrapped app's lifespan task is made below: it inherits this context
         lifecycle = self.lifecycle
         try:
             message = await receive()

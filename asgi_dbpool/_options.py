@@ -31,6 +31,12 @@ class MiddlewareOptions(TypedDict, total=False):
     hosts: int
     pgbouncer: str | None
     pgbouncer_pool_size: int | None
+    stats_path: str | None
+    stats_token: str | None
+    monitor_interval: float
+    shutdown_timeout: float
+    startup_timeout: float
+    production: bool
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,6 +60,7 @@ class Options:
     pgbouncer_pool_size: int | None = None
     retry_after: int = 1
     max_pending: int | None = None
+    production: bool = False  # then pool endpoints without a stats_token get one WARNING at startup
 
     def __post_init__(self) -> None:
         checked = {
@@ -71,8 +78,9 @@ class Options:
         }
         if self.stats_token is not None and not (isinstance(self.stats_token, str) and self.stats_token.strip()):
             raise ConfigError("stats_token='' is empty; set a secret, or pass None for open pool endpoints.")
-        if not isinstance(self.install_log_filter, bool):
-            raise ConfigError(f"install_log_filter={self.install_log_filter!r} is not a boolean; use True or False.")
+        for flag in ("install_log_filter", "production"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag}={getattr(self, flag)!r} is not a boolean; use True or False.")
         for name, value in checked.items():
             object.__setattr__(self, name, value)  # normalised: 0 -> None, "Transaction" -> "transaction"
 

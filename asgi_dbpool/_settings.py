@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import URL, make_url
 
-from ._options import MiddlewareOptions, Options
+from ._options import DEFAULT_STATS_PATH, MiddlewareOptions, Options
 from ._parse import (
     ASYNC_DRIVERS,
     MAX_SECONDS,
@@ -71,6 +71,11 @@ ENV_READERS: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "DB_PGBOUNCER_POOL_SIZE": ("pgbouncer_pool_size", lambda n, v: whole(n, v, minimum=0)),
     "WEB_CONCURRENCY": ("workers", workers_value),
     "DB_HOSTS": ("hosts", lambda n, v: whole(n, v, minimum=1, maximum=MAX_WORKERS)),
+    "DB_POOL_STATS_PATH": ("stats_path", lambda n, v: None if v.strip().lower() in ("off", "") else v.strip()),
+    "DB_POOL_STATS_TOKEN": ("stats_token", lambda n, v: v.strip() or None),
+    "DB_POOL_MONITOR_INTERVAL": ("monitor_interval", lambda n, v: seconds(n, v, allow_zero=False)),
+    "DB_POOL_SHUTDOWN_TIMEOUT": ("shutdown_timeout", lambda n, v: seconds(n, v, allow_zero=False)),
+    "DB_POOL_STARTUP_TIMEOUT": ("startup_timeout", lambda n, v: seconds(n, v, allow_zero=False)),
     "ASYNC_DATABASE_URL": ("async_database_url", lambda n, v: url_value(n, v, ASYNC_DRIVERS)),
     "DATABASE_URL": ("database_url", lambda n, v: url_value(n, v, ASYNC_DRIVERS | SYNC_DRIVERS)),
 }
@@ -94,6 +99,11 @@ class PoolSettings:
     pgbouncer_pool_size: int = 0  # PgBouncer's server connections for this database/user; 0 = not known
     workers: int = 0  # workers per host, for the budget check; 0 = unset (the middleware reads WEB_CONCURRENCY)
     hosts: int = 1  # hosts running this app against the same database, for the budget check
+    stats_path: str | None = DEFAULT_STATS_PATH  # where the pool endpoints are; None: no endpoints
+    stats_token: str | None = None  # a bearer token the pool endpoints require; None: open
+    monitor_interval: float = 60.0  # seconds between two looks of the pool monitor
+    shutdown_timeout: float = 10.0  # the budget of the whole shutdown
+    startup_timeout: float = 10.0  # the bound of each engine's startup ping
     async_database_url: str | None = None
     database_url: str | None = None
 
@@ -143,6 +153,12 @@ class PoolSettings:
             hosts=self.hosts,
             pgbouncer=self.pgbouncer,  # None (DB_PGBOUNCER unset): a pooler found at startup is reported
             pgbouncer_pool_size=self.pgbouncer_pool_size or None,
+            stats_path=self.stats_path,
+            stats_token=self.stats_token,
+            monitor_interval=self.monitor_interval,
+            shutdown_timeout=self.shutdown_timeout,
+            startup_timeout=self.startup_timeout,
+            production=self.is_production,
         )
 
     def __repr__(self) -> str:
@@ -151,6 +167,8 @@ class PoolSettings:
             value = getattr(self, field.name)
             if field.name.endswith("database_url") and value is not None:
                 value = mask_url(value)  # the password never reaches a log line or a traceback
+            elif field.name == "stats_token" and value is not None:
+                value = "***"
             fields.append(f"{field.name}={value!r}")
         return f"PoolSettings({', '.join(fields)})"
 

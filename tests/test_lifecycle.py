@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 import asgi_dbpool
 from asgi_dbpool import ConfigError, DBPoolMiddleware, PoolSettings, is_shutting_down
+from asgi_dbpool._registry import all_trackers
 from tests.conftest import backends
 from tests.helpers import LifespanDriver, cut_off_post
 
@@ -309,3 +310,91 @@ def test_public_exceptions_name_themselves_publicly(name: str) -> None:
 
     error = getattr(asgi_dbpool, name)("the message")
     assert traceback.format_exception_only(error) == [f"asgi_dbpool.{name}: the message\n"]
+
+
+def test_the_middlewares_own_options_come_from_the_environment_too() -> None:
+    settings = PoolSettings.from_env(
+        {
+            "DB_POOL_STATS_PATH": "/internal/pool/",
+            "DB_POOL_STATS_TOKEN": "s3cret-token",
+            "DB_POOL_MONITOR_INTERVAL": "15",
+            "DB_POOL_SHUTDOWN_TIMEOUT": "20",
+            "DB_POOL_STARTUP_TIMEOUT": "3",
+        }
+    )
+    options = settings.middleware_options()
+    assert {k: options[k] for k in ("stats_path", "stats_token", "monitor_interval")} == {  # type: ignore[literal-required]
+        "stats_path": "/internal/pool/",
+        "stats_token": "s3cret-token",
+        "monitor_interval": 15.0,
+    }
+    assert (options["shutdown_timeout"], options["startup_timeout"], options["production"]) == (20.0, 3.0, False)
+    assert "s3cret-token" not in repr(settings)
+    assert PoolSettings.from_env({"DB_POOL_STATS_PATH": "off"}).middleware_options()["stats_path"] is None
+    with pytest.raises(ConfigError, match=r"^DB_POOL_SHUTDOWN_TIMEOUT='0' is out of range"):
+        PoolSettings.from_env({"DB_POOL_SHUTDOWN_TIMEOUT": "0"})
+
+
+@pytest.mark.parametrize(
+    ("environ", "warned"),
+    [
+        ({"ENVIRONMENT": "prod"}, True),
+        ({"ENVIRONMENT": "production", "DB_POOL_STATS_TOKEN": "t"}, False),
+        ({"ENVIRONMENT": "production", "DB_POOL_STATS_PATH": "off"}, False),
+        ({"ENVIRONMENT": "development"}, False),
+    ],
+)
+async def test_public_pool_endpoints_in_production_get_one_warning(
+    environ: dict[str, str], warned: bool, make_engine: Callable[..., AsyncEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = PoolSettings.from_env(environ)
+    options = settings.middleware_options()
+    options.pop("workers", None)
+    app = DBPoolMiddleware(Starlette(), make_engine(pool_size=2, max_overflow=0), **options)
+    caplog.set_level(logging.WARNING, logger="asgi_dbpool")
+    async with LifespanManager(app):
+        pass
+    public = [r for r in caplog.records if getattr(r, "step", None) == "public_endpoints"]
+    assert [r.getMessage() for r in public] == (
+        [
+            "the pool endpoints at /api/system/database/pool (figures, metrics, advice) answer anyone: set "
+            "DB_POOL_STATS_TOKEN (stats_token=) to require a bearer token, or DB_POOL_STATS_PATH=off (stats_path=None)"
+        ]
+        if warned
+        else []
+    )
+
+
+async def test_add_middleware_applies_every_setting_and_the_lifespan_reaches_the_middleware(
+    make_engine: Callable[..., AsyncEngine],
+) -> None:
+    """FastAPI's ``add_middleware`` with ``**settings.middleware_options()``; ``DBPoolMiddleware.current()`` in
+    the app's own lifespan registers a task and uses the sessionmaker."""
+    from fastapi import FastAPI
+
+    engine = make_engine()
+    seen: list[object] = []
+
+    async def worker() -> None:
+        await asyncio.Event().wait()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        middleware = DBPoolMiddleware.current()
+        seen.append(middleware.register_task(asyncio.create_task(worker(), name="app worker")))
+        async with middleware.sessionmaker()() as session:
+            seen.append((await session.execute(text("SELECT 3"))).scalar_one())
+        yield
+
+    settings = PoolSettings.from_env({"DB_POOL_LEAK_THRESHOLD": "7", "DB_POOL_RETRY_AFTER": "9"})
+    api = FastAPI(lifespan=lifespan)
+    api.add_middleware(DBPoolMiddleware, engine=engine, **settings.middleware_options())
+    async with LifespanManager(api):
+        tracker = next(t for t in all_trackers() if t.engine is engine.sync_engine)
+        assert (tracker.leak_threshold, tracker.acquisition.max_pending) == (7.0, None)  # DB_POOL_LEAK_THRESHOLD
+    task, value = seen
+    assert value == 3
+    assert isinstance(task, asyncio.Task)
+    assert task.cancelled()  # registered: cancelled by the shutdown before the app's own shutdown
+    with pytest.raises(RuntimeError, match="no DBPoolMiddleware lifespan is running in this context"):
+        DBPoolMiddleware.current()

@@ -69,7 +69,10 @@ async def test_control_without_the_setting_fails(pgbouncer_url: str) -> None:
         if errors:
             break
     assert errors, "the control shows no failure: the test would prove nothing"
-    assert all("prepared statement" in e for e in errors), [e for e in errors if "prepared statement" not in e][:5]
+    # Both are a statement prepared on one server connection and used on another (PgBouncer's transaction mode):
+    # asyncpg names the statement, or finds the row it gets unlike the one described when it prepared it.
+    mixups = ("prepared statement", "is different from what was described")
+    assert all(any(m in e for m in mixups) for e in errors), [e for e in errors if not any(m in e for m in mixups)][:5]
 
 
 def test_the_setting_is_validated() -> None:
@@ -144,7 +147,10 @@ async def test_workers_through_pgbouncer_control_fails(
     # Concurrent workers fail already at their startup ping ("... already exists"), or in the burst.
     errors += [line for line in run.output().splitlines() if "cannot reach database" in line]
     assert errors, f"the control shows no failure ({right} right): the test would prove nothing"
-    assert all("prepared statement" in e for e in errors), [e for e in errors if "prepared statement" not in e][:5]
+    # Both are a statement prepared on one server connection and used on another (PgBouncer's transaction mode):
+    # asyncpg names the statement, or finds the row it gets unlike the one described when it prepared it.
+    mixups = ("prepared statement", "is different from what was described")
+    assert all(any(m in e for m in mixups) for e in errors), [e for e in errors if not any(m in e for m in mixups)][:5]
 
 
 @pytest.mark.servers

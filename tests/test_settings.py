@@ -83,6 +83,12 @@ def test_middleware_options_carry_the_budget_topology() -> None:
         "hosts": 3,
         "pgbouncer": "transaction",
         "pgbouncer_pool_size": 40,
+        "stats_path": "/api/system/database/pool",
+        "stats_token": None,
+        "monitor_interval": 60.0,
+        "shutdown_timeout": 10.0,
+        "startup_timeout": 10.0,
+        "production": False,
     }
     unset = PoolSettings.from_env({}).middleware_options()
     # pgbouncer None (not "off"): the middleware may still report a connection pooler it finds in front
