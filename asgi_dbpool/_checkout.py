@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 import weakref
@@ -16,6 +17,8 @@ from sqlalchemy.orm import Session
 if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
+logger = logging.getLogger("asgi_dbpool")
+
 # Frames from these places are not "the code that checked the connection out".
 _INTERNAL_PARTS = ("/sqlalchemy/", "/asyncpg/", "/asyncio/", "/greenlet/", "/asgi_dbpool/", "/contextlib.py")
 _internal_cache: dict[str, bool] = {}
@@ -26,14 +29,23 @@ class InFlight:
     whether it tried an ORM commit (then a request cut off by the server may have saved its changes), and the
     pool that could not give it a connection (then its error becomes a 503)."""
 
-    __slots__ = ("answered", "committed", "done", "exhausted", "task")
+    __slots__ = ("answered", "committed", "done", "exhausted", "holding", "responded", "scope", "task")
 
-    def __init__(self) -> None:
+    def __init__(self, scope: Any) -> None:
         self.task = current_task()
+        self.scope = scope  # the app fills in its route as it routes
         self.done = False
         self.committed = False
+        self.responded = False  # the whole response went out
+        self.holding = 0  # connections checked out for it right now
         self.exhausted: Any = None  # the PoolTracker whose checkout timed out or was refused
         self.answered = False  # the middleware answered 503 in place of the app's 500
+
+    def route(self) -> str:
+        """``METHOD /route/template`` (the matched route's path where the framework records it, else the path)."""
+        scope = self.scope
+        route = scope.get("route")
+        return f"{scope.get('method', 'WEBSOCKET')} {getattr(route, 'path', None) or scope.get('path', '?')}"
 
 
 #: The request or WebSocket being served in this context (set by the middleware around each call).
@@ -50,6 +62,27 @@ def on_session_commit(session: Session) -> None:
     request = current_request.get()
     if request is not None:
         request.committed = True
+        # A COMMIT that matters: a transaction holds a connection, or the flush in this commit writes changes.
+        if request.responded and (request.holding or session.new or session.dirty or session.deleted):
+            _late_commit(request.route())
+
+
+#: ORM commits that started after their request's response had gone out, per route (``METHOD /template``).
+LATE_COMMITS: dict[str, int] = {}
+
+
+def _late_commit(route: str) -> None:
+    first = route not in LATE_COMMITS
+    LATE_COMMITS[route] = LATE_COMMITS.get(route, 0) + 1
+    if first:
+        logger.warning(
+            "%s: an ORM commit started after the response was sent: the client was told it succeeded before the "
+            "COMMIT, which can still fail or be cut by a shutdown (FastAPI runs the code after `yield` in a "
+            "dependency once the response is out). Commit in the endpoint, or declare the dependency with "
+            'Depends(..., scope="function")',
+            route,
+            extra={"step": "late_commit", "engine": None, "figures": {"route": route}},
+        )
 
 
 def _is_internal(filename: str) -> bool:

@@ -116,7 +116,7 @@ class ConnectionTracker:
                     self.closed_by_server += 1
             return message
 
-        request = InFlight()
+        request = InFlight(scope)
         token = current_request.set(request)
         try:
             await app(scope, tracked_receive, tracked_send)
@@ -233,6 +233,8 @@ def overload_guard(send: Send, request: InFlight, retry_after: int) -> Send:
             await send(message)
 
     def guarded(message: Message) -> Awaitable[None]:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            request.responded = True  # a commit after this one was acknowledged too early (see _checkout)
         if request.exhausted is None:
             return send(message)
         return replace(message)

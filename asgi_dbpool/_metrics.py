@@ -9,6 +9,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 
+from ._checkout import LATE_COMMITS
 from ._histogram import BUCKETS, Histogram
 from ._tracker import PoolTracker
 
@@ -81,6 +82,13 @@ def families(trackers: Iterable[PoolTracker], version: str) -> Iterator[Family]:
         yield Family(name, "gauge", doc, [("", {"pool_name": t.name}, read(t)) for t in trackers])
     for name, doc, count in COUNTERS:
         yield Family(name, "counter", doc, [("_total", {"pool_name": t.name}, count(t)) for t in trackers])
+    late: list[tuple[str, Labels, float]] = [("_total", {"route": r}, n) for r, n in sorted(LATE_COMMITS.items())]
+    yield Family(
+        "asgi_dbpool_commits_after_response",
+        "counter",
+        "ORM commits that started after their request's response was sent (the client heard success first).",
+        late,
+    )
     for name, doc, histogram in HISTOGRAMS:
         samples: list[tuple[str, Labels, float]] = []
         for t in trackers:

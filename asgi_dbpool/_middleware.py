@@ -188,7 +188,7 @@ class DBPoolMiddleware:
             # The HTTP hot path, inline: a counter and the request in flight (see _checkout.InFlight).
             connections = lifecycle.connections
             connections.http_in_flight += 1
-            request = InFlight()
+            request = InFlight(scope)
             token = current_request.set(request)
             try:
                 await self.app(scope, receive, overload_guard(send, request, self.retry_after))

@@ -81,9 +81,10 @@ class PoolTracker:
             self._instrument(pool)
         stack = checkout_stack() if self.leak_threshold is not None else None
         checkouts = self.checkouts
-        checkouts[id(record)] = Checkout(
-            record, weakref.ref(proxy), current_task(), checkout_site(), current_request.get(), stack
-        )
+        request = current_request.get()
+        if request is not None:
+            request.holding += 1
+        checkouts[id(record)] = Checkout(record, weakref.ref(proxy), current_task(), checkout_site(), request, stack)
         self.checkouts_total += 1
         if len(checkouts) > self.checked_out_max:
             self.checked_out_max = len(checkouts)
@@ -106,6 +107,8 @@ class PoolTracker:
         self.acquisition.starting.pop(id(record), None)
         checkout = self.checkouts.pop(id(record), None)
         if checkout is not None:
+            if checkout.request is not None:
+                checkout.request.holding -= 1
             held = time.monotonic() - checkout.since
             self.use.observe(held)
             if checkout.reported:
