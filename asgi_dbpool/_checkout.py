@@ -20,7 +20,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger("asgi_dbpool")
 
 # Frames from these places are not "the code that checked the connection out".
-_INTERNAL_PARTS = ("/sqlalchemy/", "/asyncpg/", "/asyncio/", "/greenlet/", "/asgi_dbpool/", "/contextlib.py")
+_INTERNAL_PARTS = (
+    "/sqlalchemy/",
+    "/asyncpg/",
+    "/asyncio/",
+    "/greenlet/",
+    "/asgi_dbpool/",
+    "/contextlib.py",
+    # the installed frameworks and servers between a request and its endpoint (site- or dist-packages)
+    "-packages/starlette/",
+    "-packages/fastapi/",
+    "-packages/litestar/",
+    "-packages/anyio/",
+    "-packages/uvicorn/",
+    "-packages/hypercorn/",
+)
 _internal_cache: dict[str, bool] = {}
 
 
@@ -95,8 +109,14 @@ def _is_internal(filename: str) -> bool:
         return internal
 
 
-def checkout_site() -> tuple[str, int]:
-    """``(file, line)`` of the innermost frame outside SQLAlchemy/asyncpg/asyncio, across greenlet boundaries.
+#: How many of the user's frames a checkout records (the innermost first): enough to get from a shared helper
+#: (a decorator, a repository function) to the endpoint that called it.
+SITE_FRAMES = 3
+
+
+def checkout_site() -> tuple[tuple[str, int], ...]:
+    """``(file, line)`` of the innermost frames outside SQLAlchemy/asyncpg/asyncio (up to :data:`SITE_FRAMES`),
+    across greenlet boundaries.
 
     With the asyncio engine the checkout runs in a greenlet spawned by SQLAlchemy whose frames are all
     SQLAlchemy's (or a ``run_sync`` callable's): the walk starts in the awaiting (parent) greenlet, a few
@@ -108,15 +128,18 @@ def checkout_site() -> tuple[str, int]:
         frame: FrameType | None = glet.gr_frame
     else:
         frame = sys._getframe(1)
+    found: list[tuple[str, int]] = []
     while True:
         while frame is not None:
             filename = frame.f_code.co_filename
             if not _is_internal(filename):
-                return filename, frame.f_lineno
+                found.append((filename, frame.f_lineno))
+                if len(found) == SITE_FRAMES:
+                    return tuple(found)
             frame = frame.f_back
         glet = glet.parent
         if glet is None:
-            return "<unknown>", 0
+            return tuple(found) or (("<unknown>", 0),)
         frame = glet.gr_frame
 
 
@@ -156,7 +179,7 @@ class Checkout:
         record: ConnectionPoolEntry,
         proxy: weakref.ref[PoolProxiedConnection],
         owner: asyncio.Task[Any] | None,
-        where: tuple[str, int],
+        where: tuple[tuple[str, int], ...],
         request: InFlight | None,
         stack: list[str] | None,
     ) -> None:
@@ -184,9 +207,19 @@ class Checkout:
 
     @property
     def site(self) -> str:
-        return f"{self.where[0]}:{self.where[1]}"
+        """The innermost user frame of the checkout, ``file:line``."""
+        file, line = self.where[0]
+        return f"{file}:{line}"
+
+    def context(self) -> str:
+        """`` (called from f:1 < g:2) during POST /route``: the next user frames and the request, where known."""
+        callers = " < ".join(f"{file}:{line}" for file, line in self.where[1:])
+        request = self.request
+        return (f" (called from {callers})" if callers else "") + (
+            f" during {request.route()}" if request is not None else ""
+        )
 
     def describe(self, now: float) -> str:
         owner = self.owner
         who = "no task" if owner is None else f"task {owner.get_name()!r}" + (" (finished)" if owner.done() else "")
-        return f"checked out at {self.site} {now - self.since:.1f}s ago by {who}"
+        return f"checked out at {self.site} {now - self.since:.1f}s ago by {who}{self.context()}"

@@ -92,10 +92,11 @@ def check_leaks(tracker: PoolTracker, now: float | None = None) -> int:
             found += 1
             stack = "".join(f"\n    {line}" for line in checkout.stack or [checkout.site])
             logger.warning(
-                "engine %r: connection held for %.1fs (leak threshold %gs), checked out at:%s",
+                "engine %r: connection held for %.1fs (leak threshold %gs)%s, checked out at:%s",
                 tracker.name,
                 now - checkout.since,
                 tracker.leak_threshold,
+                f" during {checkout.request.route()}" if checkout.request is not None else "",
                 stack,
                 extra=fields(
                     "leak",

@@ -99,13 +99,15 @@ async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, l
         tracker.refuse_checkouts()
     owners = set().union(*(t.owners(me) for t in trackers))
     if owners:
-        names = ", ".join(sorted(describe_task(t) for t in owners))
+        serving = {task: route for tracker in trackers for task, route in tracker.serving().items()}
+        described = sorted(describe_task(t) + (f" serving {serving[t]}" if t in serving else "") for t in owners)
+        names = ", ".join(described)
         logger.log(
             level,
             "cancelling %d task(s) still holding connections: %s",
             len(owners),
             names,
-            extra=fields("holders", tasks=sorted(describe_task(t) for t in owners)),
+            extra=fields("holders", tasks=described),
         )
         # At most half of what is left (the rest is for closing connections), and no more than HOLDERS_TIMEOUT:
         # a holder stuck on a database that stopped answering is freed by closing its connection below.

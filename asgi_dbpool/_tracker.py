@@ -188,6 +188,10 @@ class PoolTracker:
             "invalid": self.invalidations,
         }
 
+    def serving(self) -> dict[asyncio.Task[Any], str]:
+        """The request (``METHOD /route``) each task holding a connection of this engine serves, where known."""
+        return {c.owner: c.request.route() for c in self.checkouts.values() if c.owner and c.request is not None}
+
     def owners(self, current: asyncio.Task[Any] | None) -> set[asyncio.Task[Any]]:
         """Running tasks working with a connection of this engine, or getting one (``current`` left out)."""
         held = {c.owner for c in self.checkouts.values() if not c.is_leak(current)}
