@@ -23,6 +23,7 @@ DEFAULT_LOGGERS = (
 
 _EXPECTED = ("event loop is closed", "loop is closed", "connection._cancel' was never awaited")
 _NEVER = "attached to a different loop"
+_CLOSING = ("Exception terminating connection", "Exception closing connection")
 
 
 def _exception_chain(record: logging.LogRecord) -> list[BaseException]:
@@ -42,7 +43,13 @@ def is_shutdown_noise(record: logging.LogRecord) -> bool:
         return False
     # A background task that outlived shutdown and was refused a connection is reported by asyncio as
     # "Task exception was never retrieved": expected once the engines are closed.
-    return any(marker in text for marker in _EXPECTED) or any(isinstance(e, PoolClosedError) for e in chain)
+    if any(marker in text for marker in _EXPECTED) or any(isinstance(e, PoolClosedError) for e in chain):
+        return True
+    # The pool closing a connection whose holder the shutdown cancelled, or whose close it cut short (a database
+    # that stopped answering): the shutdown's own doing, which it reports itself (some SQLAlchemy 2.0 releases
+    # log that cancellation at ERROR with a traceback).
+    closing = record.name.startswith("sqlalchemy.pool") and record.getMessage().startswith(_CLOSING)
+    return closing and bool(chain) and isinstance(chain[0], asyncio.CancelledError | TimeoutError)
 
 
 def is_cancelled_stream_callback(record: logging.LogRecord) -> bool:

@@ -102,10 +102,22 @@ NOISE = [
     record("Exception terminating connection <AdaptedConnection>", RuntimeError("Event loop is closed")),
     record("Exception closing connection", RuntimeError("the loop is closed")),
     record("Task exception was never retrieved", PoolClosedError("disposed"), name="asyncio"),
+    # the pool closing a connection whose holder the shutdown cancelled (SQLAlchemy 2.0.44 logs it at ERROR)
+    record("Exception terminating connection <AdaptedConnection>", asyncio.CancelledError()),
+    record("Exception closing connection <AdaptedConnection>", TimeoutError()),
 ]
+IDS = ["terminating", "closing", "never-retrieved", "cancelled-close", "cut-close"]
 
 
-@pytest.mark.parametrize("rec", NOISE, ids=["terminating", "closing", "never-retrieved"])
+def test_a_real_error_while_closing_keeps_its_level(shutting_down: None) -> None:
+    """Only the shutdown's own cancellation and cut are demoted: a failing close is still an ERROR."""
+    rec = record("Exception terminating connection <AdaptedConnection>", OSError("broken pipe"))
+    rec.levelno, rec.levelname = logging.ERROR, "ERROR"
+    assert ShutdownNoiseFilter().filter(rec) is True
+    assert rec.levelno == logging.ERROR
+
+
+@pytest.mark.parametrize("rec", NOISE, ids=IDS)
 def test_filter_demotes_noise_during_shutdown(rec: logging.LogRecord, shutting_down: None) -> None:
     rec.levelno, rec.levelname = logging.ERROR, "ERROR"
     passed = ShutdownNoiseFilter().filter(rec)
@@ -113,7 +125,7 @@ def test_filter_demotes_noise_during_shutdown(rec: logging.LogRecord, shutting_d
     assert passed is logging.getLogger(rec.name).isEnabledFor(logging.DEBUG)
 
 
-@pytest.mark.parametrize("rec", NOISE, ids=["terminating", "closing", "never-retrieved"])
+@pytest.mark.parametrize("rec", NOISE, ids=IDS)
 def test_filter_keeps_the_level_before_shutdown(rec: logging.LogRecord, running: None) -> None:
     rec.levelno, rec.levelname = logging.ERROR, "ERROR"
     assert ShutdownNoiseFilter().filter(rec) is True
