@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -136,7 +137,10 @@ class Run:
         }
         command = server_command(self.server, "app" if self.wrapped else "bare_app", self.port, graceful)
         with self.log_path.open("wb") as out:
-            self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            # A session of its own: a hung server is killed with its workers (signals still go to the master only).
+            self.proc = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     async def wait_workers(self, count: int = 4) -> None:
         """Every worker finished its startup (the port answers as soon as one has)."""
@@ -187,7 +191,8 @@ class Run:
             self.exit_code = await asyncio.to_thread(self.proc.wait, limit)
         finally:
             if self.proc.poll() is None:
-                self.proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         return self.exit_code
 

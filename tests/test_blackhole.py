@@ -113,9 +113,9 @@ async def test_stuck_requests_and_pooled_connections(
                 await asyncio.sleep(0.02)
             hole.drop()
             seconds = await stop(run)
+            output = run.output()  # as it was when the server exited or was killed (with its workers)
             answers = await asyncio.gather(*writes, return_exceptions=True)
     statuses = [a.status_code if isinstance(a, httpx.Response) else type(a).__name__ for a in answers]
-    output = run.output()
     assert await run.stored() == {}  # the INSERTs never reached the database
     if server == "hypercorn" and HYPERCORN_WAITS_FOR_CONNECTIONS:
         # pgjones/hypercorn#308: on Python 3.12+ hypercorn waits for every open connection before its graceful
