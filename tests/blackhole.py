@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 
 from sqlalchemy.engine import make_url
 
@@ -27,7 +28,8 @@ class Blackhole:
         self.connections = 0
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
 
     def drop(self) -> None:
         self.dropping = True
@@ -40,9 +42,10 @@ class Blackhole:
         return url.difference_update_query(["host"]).render_as_string(hide_password=False)
 
     async def close(self) -> None:
+        self._closed = True
         if self._server is not None:
             self._server.close()
-        for task in self._tasks:
+        for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for writer in self._writers:
@@ -51,6 +54,13 @@ class Blackhole:
     async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self._writers.append(client_writer)
+        if self._closed:  # arrived while the proxy closes: nothing is left open behind it
+            client_writer.transport.abort()
+            return
+        accepting = asyncio.current_task()
+        if accepting is not None:  # close() cancels an accept still connecting to the server
+            self._tasks.add(accepting)
+            accepting.add_done_callback(self._tasks.discard)
         if self.dropping:  # accepted by the kernel, never answered
             self._spawn(self._swallow(client_reader))
             return
@@ -59,8 +69,8 @@ class Blackhole:
         self._spawn(self._pump(client_reader, server_writer))
         self._spawn(self._pump(server_reader, client_writer))
 
-    def _spawn(self, coro: asyncio.Future[None] | asyncio.Task[None] | object) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
