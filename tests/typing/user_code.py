@@ -65,7 +65,8 @@ async def n(session: AsyncSession = Depends(get_session)) -> dict[str, int]:  # 
     return {"n": 1}
 
 
-api.add_middleware(DBPoolMiddleware, engine=engine, **options)
+# Starlette 0.40's add_middleware typing rejects a TypedDict's ** (later releases accept it): name the options.
+api.add_middleware(DBPoolMiddleware, engine=engine, leak_threshold=options.get("leak_threshold"), retry_after=2)
 wrapped = DBPoolMiddleware(api, engine, **options)
 REGISTRY.register(PoolCollector())
 REGISTRY.register(PoolCollector(wrapped))
