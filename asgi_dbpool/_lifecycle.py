@@ -64,10 +64,6 @@ class Lifecycle:
         self.claim(strict=False)
 
     @property
-    def running(self) -> bool:
-        return self.state == "running"
-
-    @property
     def active(self) -> bool:
         """Starting, running or stopping: it owns its engines now."""
         return self.state in ("starting", "running", "stopping")
