@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 
 from asgi_dbpool import DBPoolMiddleware
 from asgi_dbpool.__main__ import format_advice
-from tests.conftest import asyncpg_dsn
+from tests.conftest import asyncpg_dsn, wait_for_no_backends
 
 pytestmark = pytest.mark.anyio
 PATH = "/api/system/database/pool"
@@ -85,6 +85,10 @@ async def test_invalidations_show_in_metrics(make_engine: Callable[..., AsyncEng
             await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
         finally:
             await admin.close()
+        # The backend is gone and the client has read its goodbye (a pre-ping racing the server's FATAL message
+        # meets asyncpg mid-message: "another operation is in progress", not a disconnect).
+        assert await wait_for_no_backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
+        await asyncio.sleep(0.1)
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))  # pre-ping finds it dead
         metrics = samples((await client.get(PATH + "/metrics")).text)
