@@ -149,7 +149,8 @@ async def test_a_background_task_stuck_in_a_query(server: str, database_url: str
         await asyncio.sleep(0.2)  # the poller's next query is in flight, never answered
         seconds = await stop(run)
     output = run.output()
-    assert seconds <= 2.5 + 0.5 + 1.0, output  # at worst HOLDERS_TIMEOUT + CONNECTION_CLOSE_TIMEOUT + exit
+    # At worst HOLDERS_TIMEOUT + CONNECTION_CLOSE_TIMEOUT, then the process teardown (up to 1.5 s on a loaded CI).
+    assert seconds <= 2.5 + 0.5 + 1.5, output
     assert run.exit_code == NORMAL_EXIT[server], output
     assert run.noise() == [], output
     assert "cancelling 1 task(s) still holding connections: " in output
