@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import greenlet
 from sqlalchemy.orm import Session
 
+from ._records import fields
+
 if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
@@ -95,7 +97,7 @@ def _late_commit(route: str) -> None:
             "dependency once the response is out). Commit in the endpoint, or declare the dependency with "
             'Depends(..., scope="function")',
             route,
-            extra={"step": "late_commit", "engine": None, "figures": {"route": route}},
+            extra=fields("late_commit", route=route),
         )
 
 
