@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-import time
-import weakref
 from contextvars import ContextVar
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -15,6 +13,7 @@ import greenlet
 from sqlalchemy.orm import Session
 
 from ._records import fields
+from ._respond import POOL_EXHAUSTED, respond
 
 if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
@@ -41,21 +40,53 @@ _internal_cache: dict[str, bool] = {}
 
 
 class InFlight:
-    """One HTTP request or WebSocket in flight through the middleware: its task, whether it has finished,
-    whether it tried an ORM commit (then a request cut off by the server may have saved its changes), and the
-    pool that could not give it a connection (then its error becomes a 503)."""
+    """One HTTP request or WebSocket in flight through the middleware: whether it has finished, whether it tried
+    an ORM commit (then a request cut off by the server may have saved its changes), the pool that could not
+    give it a connection (then its error becomes a 503), and the connections it holds.
 
-    __slots__ = ("answered", "committed", "done", "exhausted", "holding", "responded", "scope", "task")
+    Made for every request, so it is kept to a few stores; :meth:`send` is the ``send`` the app is given.
+    """
 
-    def __init__(self, scope: Any) -> None:
-        self.task = current_task()
+    __slots__ = (
+        "answered",
+        "committed",
+        "done",
+        "exhausted",
+        "holding",
+        "responded",
+        "retry_after",
+        "scope",
+        "server_send",
+        "task",
+    )
+
+    def __init__(self, scope: Any, server_send: Any, retry_after: int) -> None:
         self.scope = scope  # the app fills in its route as it routes
-        self.done = False
-        self.committed = False
-        self.responded = False  # the whole response went out
+        self.server_send = server_send
+        self.retry_after = retry_after
+        self.done = self.committed = self.responded = self.answered = False  # responded: the whole response went out
         self.holding = 0  # connections checked out for it right now
         self.exhausted: Any = None  # the PoolTracker whose checkout timed out or was refused
-        self.answered = False  # the middleware answered 503 in place of the app's 500
+        # Its task, noted only when it ends still holding a connection (the one thing that needs it, a leak
+        # check, compares it with the holder's task): asking for the task on every request costs more.
+        self.task: asyncio.Task[Any] | None = None
+
+    def send(self, message: Any) -> Any:
+        """The app's ``send``: notes the end of the response; after a pool timeout, the app's 500 becomes a 503."""
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            self.responded = True  # a commit after this one was acknowledged too early (see on_session_commit)
+        if self.exhausted is None:
+            return self.server_send(message)
+        return self._send_overloaded(message)
+
+    async def _send_overloaded(self, message: Any) -> None:
+        kind = message["type"]
+        if kind == "http.response.start" and message.get("status") == 500 and not self.answered:
+            self.answered = True
+            self.exhausted.overload_answers += 1
+            await respond(self.server_send, 503, POOL_EXHAUSTED, retry_after=self.retry_after, close=False)
+        elif not (self.answered and kind == "http.response.body"):
+            await self.server_send(message)
 
     def route(self) -> str:
         """``METHOD /route/template`` (the matched route's path where the framework records it, else the path)."""
@@ -64,7 +95,9 @@ class InFlight:
         return f"{scope.get('method', 'WEBSOCKET')} {getattr(route, 'path', None) or scope.get('path', '?')}"
 
 
-#: The request or WebSocket being served in this context (set by the middleware around each call).
+#: The request or WebSocket being served in this context, set by the middleware for each call. An HTTP request
+#: does not reset it (one less context operation per request): a server runs each request in a task of its
+#: own, and an in-process caller's task keeps a finished request, which every reader skips (``done``).
 current_request: ContextVar[InFlight | None] = ContextVar("asgi_dbpool_request", default=None)
 
 
@@ -76,7 +109,7 @@ def on_session_commit(session: Session) -> None:
     ``engine.begin()`` directly are therefore not seen.
     """
     request = current_request.get()
-    if request is not None:
+    if request is not None and not request.done:
         request.committed = True
         # A COMMIT that matters: a transaction holds a connection, or the flush in this commit writes changes.
         if request.responded and (request.holding or session.new or session.dirty or session.deleted):
@@ -174,25 +207,29 @@ def current_task() -> asyncio.Task[Any] | None:
 class Checkout:
     """One connection that is checked out right now (made on every checkout: kept small and cheap)."""
 
-    __slots__ = ("owner", "proxy", "record", "reported", "request", "since", "stack", "where")
+    __slots__ = ("owner", "record", "reported", "request", "since", "stack", "where")
 
     def __init__(
         self,
         record: ConnectionPoolEntry,
-        proxy: weakref.ref[PoolProxiedConnection],
         owner: asyncio.Task[Any] | None,
         where: tuple[tuple[str, int], ...],
         request: InFlight | None,
         stack: list[str] | None,
+        since: float,
     ) -> None:
         self.record = record
-        self.proxy = proxy
         self.owner = owner  # held until checkin: a finished task that leaked stays inspectable
         self.where = where
-        self.since = time.monotonic()
+        self.since = since  # time.perf_counter()
         self.request = request
         self.stack = stack  # only with leak detection on
         self.reported = False
+
+    def proxy(self) -> PoolProxiedConnection | None:
+        """The connection as its holder sees it (SQLAlchemy's checkout made it, after the pool gave the record)."""
+        fairy_ref = getattr(self.record, "fairy_ref", None)
+        return fairy_ref() if fairy_ref is not None else None
 
     def is_leak(self, current: asyncio.Task[Any] | None) -> bool:
         """True when nobody is working with this connection any more (its holder moved on or ended).

@@ -1,18 +1,17 @@
 """In-flight HTTP requests and open WebSockets, counted so shutdown can drain and close them.
 
-This is the per-request hot path, so it keeps to counters, one context variable and no per-request
-task, event or send wrapper; waiting is set up only when shutdown asks for it.
+Counting is on the per-request hot path, so it keeps to counters; waiting is set up only when shutdown asks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
 from typing import Any
 
 from ._checkout import InFlight, current_request
 from ._records import fields
+from ._respond import SHUT_AFTER_COMMIT, SHUTTING_DOWN, respond
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("asgi_dbpool")
@@ -116,7 +115,7 @@ class ConnectionTracker:
                     self.closed_by_server += 1
             return message
 
-        request = InFlight(scope)
+        request = InFlight(scope, send, 0)
         token = current_request.set(request)
         try:
             await app(scope, tracked_receive, tracked_send)
@@ -194,52 +193,6 @@ async def answer_cancelled(scope: Scope, send: Send, request: InFlight, retry_af
             extra=extra,
         )
     return True
-
-
-SHUTTING_DOWN = b'{"detail":"the server is shutting down; nothing was committed"}'
-SHUT_AFTER_COMMIT = b'{"detail":"the server shut down while answering, after a commit: the changes may be saved"}'
-POOL_EXHAUSTED = b'{"detail":"the database connection pool is exhausted; retry later"}'
-
-
-async def respond(send: Send, status: int, body: bytes, *, retry_after: int | None, close: bool) -> bool:
-    """Send a whole JSON response; False when a response had already started (servers refuse a second)."""
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if close:
-        headers.append((b"connection", b"close"))
-    if retry_after is not None:
-        headers.append((b"retry-after", str(retry_after).encode()))
-    try:
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-    except Exception:
-        return False
-    await send({"type": "http.response.body", "body": body})
-    return True
-
-
-def overload_guard(send: Send, request: InFlight, retry_after: int) -> Send:
-    """``send`` for one request: once a checkout of this request hit an exhausted pool, the app's own 500
-    (Starlette's ServerErrorMiddleware answers before the error reaches us) becomes a 503 + Retry-After.
-
-    A plain function returning the server's awaitable: on the normal path it adds one call, no coroutine.
-    """
-
-    async def replace(message: Message) -> None:
-        kind = message["type"]
-        if kind == "http.response.start" and message.get("status") == 500 and not request.answered:
-            request.answered = True
-            request.exhausted.overload_answers += 1
-            await respond(send, 503, POOL_EXHAUSTED, retry_after=retry_after, close=False)
-        elif not (request.answered and kind == "http.response.body"):
-            await send(message)
-
-    def guarded(message: Message) -> Awaitable[None]:
-        if message["type"] == "http.response.body" and not message.get("more_body"):
-            request.responded = True  # a commit after this one was acknowledged too early (see _checkout)
-        if request.exhausted is None:
-            return send(message)
-        return replace(message)
-
-    return guarded
 
 
 def _disconnect(code: int | None) -> dict[str, Any]:

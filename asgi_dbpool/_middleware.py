@@ -12,19 +12,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from . import _otel
 from ._advice import Topology, workers_from_env
-from ._checkout import InFlight, current_request
-from ._connections import (
-    POOL_EXHAUSTED,
-    SERVICE_RESTART,
-    SHUTTING_DOWN,
-    answer_cancelled,
-    overload_guard,
-    respond,
-)
+from ._checkout import InFlight, current_request, current_task
+from ._connections import SERVICE_RESTART, answer_cancelled
 from ._lifecycle import Lifecycle
 from ._monitor import PoolMonitor
 from ._options import DEFAULT_STATS_PATH, Options
 from ._registry import name_engines, tracker_for
+from ._respond import POOL_EXHAUSTED, SHUTTING_DOWN, respond
 from ._stats import PoolStatsApp, route_path
 from ._tracker import PoolTracker
 from ._types import STATE_KEY, ASGIApp, Receive, Scope, Send
@@ -185,17 +179,17 @@ class DBPoolMiddleware:
             if lifecycle.shutting_down:
                 await respond(send, 503, SHUTTING_DOWN, retry_after=self.retry_after, close=True)
                 return
-            # The HTTP hot path, inline: a counter and the request in flight (see _checkout.InFlight).
+            # The HTTP hot path, inline: a counter and the request in flight, which is also the app's send.
             connections = lifecycle.connections
             connections.http_in_flight += 1
-            request = InFlight(scope)
-            token = current_request.set(request)
+            request = InFlight(scope, send, self.retry_after)
+            current_request.set(request)  # not reset: see current_request
             try:
-                await self.app(scope, receive, overload_guard(send, request, self.retry_after))
+                await self.app(scope, receive, request.send)
             except asyncio.CancelledError:
                 # Only a server cancels a request task: its graceful-shutdown timeout ran out, or it is
                 # force-exiting. Answer cleanly instead of a traceback and a 500 or a reset connection.
-                task = request.task
+                task = current_task()
                 if task is None:
                     raise
                 task.uncancel()
@@ -207,13 +201,14 @@ class DBPoolMiddleware:
                 if exhausted is None:
                     raise
                 if request.answered:
-                    return  # the app's own 500 was already turned into the 503 by the guarded send
+                    return  # the app's own 500 was already turned into the 503 by request.send
                 if not await respond(send, 503, POOL_EXHAUSTED, retry_after=self.retry_after, close=False):
                     raise
                 exhausted.overload_answers += 1
             finally:
                 request.done = True
-                current_request.reset(token)
+                if request.holding:  # it leaves connections behind: a leak check compares their task with its own
+                    request.task = current_task()
                 connections.http_done()
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)

@@ -83,7 +83,7 @@ def check_leaks(tracker: PoolTracker, now: float | None = None) -> int:
     """One WARNING, with the checkout stack, per connection held past ``leak_threshold`` (once each)."""
     if tracker.leak_threshold is None:
         return 0
-    now = time.monotonic() if now is None else now
+    now = time.perf_counter() if now is None else now
     found = 0
     for checkout in list(tracker.checkouts.values()):
         if not checkout.reported and now - checkout.since > tracker.leak_threshold:

@@ -14,13 +14,14 @@ from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
 from ._acquire import Acquisition, PoolClosedError, PoolOverloadedError
-from ._checkout import Checkout, checkout_site, checkout_stack, current_request, current_task, on_session_commit
+from ._checkout import Checkout, checkout_site, checkout_stack, current_request, on_session_commit
 from ._histogram import Histogram
+from ._pool import track
 from ._records import fields
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
-    from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+    from sqlalchemy.pool import ConnectionPoolEntry
 
 __all__ = ["PoolClosedError", "PoolOverloadedError", "PoolTracker"]
 
@@ -28,10 +29,12 @@ logger = logging.getLogger("asgi_dbpool")
 
 
 class PoolTracker:
-    """Listens to one engine's pool; survives ``engine.dispose()`` (events follow the recreated pool).
+    """Keeps one engine's pool figures and checkouts; survives ``engine.dispose()`` (the recreated pool reports
+    here too).
 
-    Pool events give checkouts, checkins, invalidations and connection creation; what no event shows (who
-    waits, how long, timeouts, the shutdown refusal) is the pool's :class:`Acquisition` (see :mod:`._acquire`).
+    The pool itself reports checkouts and checkins (:mod:`._pool`); pool events give invalidations, detaches
+    and connection creation; who waits, how long, timeouts and the shutdown refusal are the pool's
+    :class:`Acquisition` (see :mod:`._acquire`).
     """
 
     def __init__(self, engine: Engine | AsyncEngine, name: str) -> None:
@@ -54,10 +57,7 @@ class PoolTracker:
         self._connecting: dict[int, float] = {}
         # Every pool entry that opened a connection (idle or checked out): closing at shutdown reaches them all.
         self._entries: weakref.WeakSet[ConnectionPoolEntry] = weakref.WeakSet()
-        self._instrumented: Any = None
-        self._instrument(engine.pool)
-        event.listen(engine, "checkout", self._on_checkout)
-        event.listen(engine, "checkin", self._on_checkin)
+        track(engine.pool, self)  # checkouts and checkins reach checked_out / checked_in (see _pool)
         event.listen(engine, "detach", self._on_detach)
         event.listen(engine, "invalidate", self._on_invalidate)
         event.listen(engine, "do_connect", self._on_do_connect)
@@ -65,36 +65,29 @@ class PoolTracker:
         if not event.contains(Session, "before_commit", on_session_commit):
             event.listen(Session, "before_commit", on_session_commit)
 
-    def _instrument(self, pool: Any) -> None:
-        self.acquisition.instrument(pool)
-        self._instrumented = pool
-
-    # -- pool events -------------------------------------------------------------------------
-    def _on_checkout(self, dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection) -> None:
-        acquisition = self.acquisition
-        acquisition.starting.pop(id(record), None)
-        if acquisition.closed:
-            # SQLAlchemy closes the pooled connection it was about to hand out (gracefully: we are in its greenlet).
-            raise acquisition.refusal()
-        pool: Any = self.engine.pool
-        if pool is not self._instrumented:  # engine.dispose() made a new pool
-            self._instrument(pool)
-        stack = checkout_stack() if self.leak_threshold is not None else None
-        checkouts = self.checkouts
+    # -- checkouts and checkins (called by the pool, see _pool.TrackedPool) ---------------------------
+    def checked_out(self, record: ConnectionPoolEntry, task: asyncio.Task[Any] | None, now: float) -> None:
+        """``task`` got ``record`` at ``now`` (``time.perf_counter()``), before its pre-ping."""
         request = current_request.get()
         if request is not None:
-            request.holding += 1
-        checkouts[id(record)] = Checkout(record, weakref.ref(proxy), current_task(), checkout_site(), request, stack)
+            if request.done:  # an in-process caller's task after its request (see InFlight)
+                request = None
+            else:
+                request.holding += 1
+        stack = checkout_stack() if self.leak_threshold is not None else None
+        checkouts = self.checkouts
+        checkouts[id(record)] = Checkout(record, task, checkout_site(), request, stack, now)
         self.checkouts_total += 1
         if len(checkouts) > self.checked_out_max:
             self.checked_out_max = len(checkouts)
+        pool: Any = self.engine.pool
         overflow = pool.overflow() if hasattr(pool, "overflow") else 0
         if overflow > 0:
             self.overflow_checkouts += 1
             if overflow > self.overflow_max:
                 self.overflow_max = overflow
 
-    def _on_checkin(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    def checked_in(self, record: ConnectionPoolEntry) -> None:
         if self.overloaded and not self.acquisition.pending:  # a connection is free and nobody waits: it is over
             self.overloaded = False
             figures = self._figures()
@@ -104,12 +97,11 @@ class PoolTracker:
                 ", ".join(f"{k}={v}" for k, v in figures.items()),
                 extra=fields("recovered", self.name, **figures),
             )
-        self.acquisition.starting.pop(id(record), None)
         checkout = self.checkouts.pop(id(record), None)
         if checkout is not None:
             if checkout.request is not None:
                 checkout.request.holding -= 1
-            held = time.monotonic() - checkout.since
+            held = time.perf_counter() - checkout.since
             self.use.observe(held)
             if checkout.reported:
                 logger.info(
@@ -120,6 +112,7 @@ class PoolTracker:
                     extra=fields("leak_returned", self.name, site=checkout.site, held=held),
                 )
 
+    # -- pool events -------------------------------------------------------------------------
     def _on_detach(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         self.checkouts.pop(id(record), None)
 
@@ -195,13 +188,12 @@ class PoolTracker:
     def owners(self, current: asyncio.Task[Any] | None) -> set[asyncio.Task[Any]]:
         """Running tasks working with a connection of this engine, or getting one (``current`` left out)."""
         held = {c.owner for c in self.checkouts.values() if not c.is_leak(current)}
-        getting = self.acquisition.holders()
-        return {t for t in held | getting if t is not None and t is not current and not t.done()}
+        return {t for t in held | self.acquisition.acquiring if t is not None and t is not current and not t.done()}
 
     # -- closing -----------------------------------------------------------------------------
     async def close_leaks(self) -> list[str]:
         """Hard-invalidate every connection still checked out, while the loop runs; one WARNING each."""
-        now = time.monotonic()
+        now = time.perf_counter()
         leaks = list(self.checkouts.values())
         reports = []
         for leak in leaks:

@@ -554,7 +554,7 @@ async def test_tasks_waiting_for_a_connection_are_stopped_before_dispose(
     names = f"holder ({holder.__qualname__}), waiter ({waiter.__qualname__})"
     assert f"cancelling 2 task(s) still holding connections: {names}" in messages(caplog)
     assert messages(caplog, logging.WARNING) == []
-    assert (tracker.acquisition.acquiring, tracker.acquisition.starting) == (set(), {})
+    assert (tracker.acquisition.acquiring, tracker.checkouts) == (set(), {})
     assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
 
 
