@@ -6,7 +6,7 @@ import asyncio
 import logging
 import sys
 from contextvars import ContextVar
-from types import FrameType
+from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
 import greenlet
@@ -147,54 +147,71 @@ def _is_internal(filename: str) -> bool:
 #: How many of the user's frames a checkout records (the innermost first): enough to get from a shared helper
 #: (a decorator, a repository function) to the endpoint that called it.
 SITE_FRAMES = 3
+#: After the first user frame, how many more frames the walk looks at for its callers: past the endpoint lie
+#: the framework's and the server's frames, and walking them all on every checkout costs more than the rest of
+#: the bookkeeping together.
+CALLER_REACH = 6
+
+#: A frame as a checkout records it: its code and the offset of its current instruction. The line number is
+#: worked out only when a report asks (``frame.f_lineno`` decodes the line table: the costliest part of a walk).
+Frame = tuple[CodeType, int]
 
 
-def checkout_site() -> tuple[tuple[str, int], ...]:
-    """``(file, line)`` of the innermost frames outside SQLAlchemy/asyncpg/asyncio (up to :data:`SITE_FRAMES`),
-    across greenlet boundaries.
+def _user_frames(limit: int, reach: int) -> list[Frame]:
+    """The caller's innermost frames outside SQLAlchemy/asyncpg/asyncio/the frameworks (up to ``limit``; past the
+    first, ``reach`` more frames are looked at), across greenlet boundaries.
 
     With the asyncio engine the checkout runs in a greenlet spawned by SQLAlchemy whose frames are all
     SQLAlchemy's (or a ``run_sync`` callable's): the walk starts in the awaiting (parent) greenlet, a few
-    frames below the user's ``await``.
+    frames below the user's ``await``. Run on every checkout, so the loop is kept flat.
     """
     glet: Any = greenlet.getcurrent()
     if glet.parent is not None:
         glet = glet.parent
         frame: FrameType | None = glet.gr_frame
     else:
-        frame = sys._getframe(1)
-    found: list[tuple[str, int]] = []
+        frame = sys._getframe(2)
+    cache = _internal_cache
+    found: list[Frame] = []
+    left = -1  # frames still to look at once the first user frame is found
     while True:
         while frame is not None:
-            filename = frame.f_code.co_filename
-            if not _is_internal(filename):
-                found.append((filename, frame.f_lineno))
-                if len(found) == SITE_FRAMES:
-                    return tuple(found)
+            code = frame.f_code
+            internal = cache.get(code.co_filename)
+            if internal is None:
+                internal = _is_internal(code.co_filename)
+            if not internal:
+                found.append((code, frame.f_lasti))
+                if len(found) == limit:
+                    return found
+                if left < 0:
+                    left = reach
+            if left == 0:
+                return found
+            left -= 1
             frame = frame.f_back
         glet = glet.parent
         if glet is None:
-            return tuple(found) or (("<unknown>", 0),)
+            return found
         frame = glet.gr_frame
 
 
-def checkout_stack(limit: int = 12) -> list[str]:
-    """The user's frames of the checkout, innermost first, as ``file:line in function`` (leak detection only)."""
-    glet: Any = greenlet.getcurrent()
-    frame: FrameType | None = glet.parent.gr_frame if glet.parent is not None else sys._getframe(1)
-    if glet.parent is not None:
-        glet = glet.parent
-    lines: list[str] = []
-    while len(lines) < limit:
-        while frame is not None and len(lines) < limit:
-            if not _is_internal(frame.f_code.co_filename):
-                lines.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
-            frame = frame.f_back
-        glet = glet.parent
-        if glet is None:
-            break
-        frame = glet.gr_frame
-    return lines
+def checkout_site() -> tuple[Frame, ...]:
+    """The user's frames of the checkout (up to :data:`SITE_FRAMES`), innermost first."""
+    return tuple(_user_frames(SITE_FRAMES, CALLER_REACH))
+
+
+def checkout_stack(limit: int = 12) -> tuple[Frame, ...]:
+    """The user's frames of the checkout, innermost first, up to ``limit`` (leak detection only)."""
+    return tuple(_user_frames(limit, 64))
+
+
+def line_of(code: CodeType, offset: int) -> int:
+    """The line of the instruction at ``offset`` (what ``frame.f_lineno`` said when the frame was there)."""
+    for start, end, line in code.co_lines():
+        if start <= offset < end and line is not None:
+            return line
+    return code.co_firstlineno
 
 
 def current_task() -> asyncio.Task[Any] | None:
@@ -207,24 +224,36 @@ def current_task() -> asyncio.Task[Any] | None:
 class Checkout:
     """One connection that is checked out right now (made on every checkout: kept small and cheap)."""
 
-    __slots__ = ("owner", "record", "reported", "request", "since", "stack", "where")
+    __slots__ = ("frames", "owner", "record", "reported", "request", "since", "stack_frames")
 
     def __init__(
         self,
         record: ConnectionPoolEntry,
         owner: asyncio.Task[Any] | None,
-        where: tuple[tuple[str, int], ...],
+        frames: tuple[Frame, ...],
         request: InFlight | None,
-        stack: list[str] | None,
+        stack_frames: tuple[Frame, ...] | None,
         since: float,
     ) -> None:
         self.record = record
         self.owner = owner  # held until checkin: a finished task that leaked stays inspectable
-        self.where = where
+        self.frames = frames
         self.since = since  # time.perf_counter()
         self.request = request
-        self.stack = stack  # only with leak detection on
+        self.stack_frames = stack_frames  # only with leak detection on
         self.reported = False
+
+    @property
+    def where(self) -> tuple[tuple[str, int], ...]:
+        """``(file, line)`` of the user's frames of the checkout, innermost first."""
+        return tuple((code.co_filename, line_of(code, offset)) for code, offset in self.frames) or (("<unknown>", 0),)
+
+    @property
+    def stack(self) -> list[str] | None:
+        """The checkout's user frames as ``file:line in function`` (with leak detection on; else None)."""
+        if self.stack_frames is None:
+            return None
+        return [f"{code.co_filename}:{line_of(code, offset)} in {code.co_name}" for code, offset in self.stack_frames]
 
     def proxy(self) -> PoolProxiedConnection | None:
         """The connection as its holder sees it (SQLAlchemy's checkout made it, after the pool gave the record)."""

@@ -41,7 +41,8 @@ class TrackedPool(Pool):
     def _do_get(self) -> ConnectionPoolEntry:
         tracker = self.tracker
         acquisition = tracker.acquisition
-        acquisition.ask(self)  # the shutdown refusal and max_pending, before a record is taken
+        if acquisition.closed or acquisition.max_pending is not None:
+            acquisition.ask(self)  # the shutdown refusal, max_pending: before a record is taken
         task = current_task()  # None for a sync engine used from a worker thread
         acquisition.pending += 1
         if task is not None:

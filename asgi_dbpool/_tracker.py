@@ -57,6 +57,7 @@ class PoolTracker:
         self._connecting: dict[int, float] = {}
         # Every pool entry that opened a connection (idle or checked out): closing at shutdown reaches them all.
         self._entries: weakref.WeakSet[ConnectionPoolEntry] = weakref.WeakSet()
+        self._pool_size = self.pool_size()  # the same for every pool engine.dispose() makes
         track(engine.pool, self)  # checkouts and checkins reach checked_out / checked_in (see _pool)
         event.listen(engine, "detach", self._on_detach)
         event.listen(engine, "invalidate", self._on_invalidate)
@@ -78,14 +79,16 @@ class PoolTracker:
         checkouts = self.checkouts
         checkouts[id(record)] = Checkout(record, task, checkout_site(), request, stack, now)
         self.checkouts_total += 1
-        if len(checkouts) > self.checked_out_max:
-            self.checked_out_max = len(checkouts)
-        pool: Any = self.engine.pool
-        overflow = pool.overflow() if hasattr(pool, "overflow") else 0
-        if overflow > 0:
-            self.overflow_checkouts += 1
-            if overflow > self.overflow_max:
-                self.overflow_max = overflow
+        out = len(checkouts)
+        if out > self.checked_out_max:
+            self.checked_out_max = out
+        if out > self._pool_size:  # only then can the pool have opened overflow connections
+            pool: Any = self.engine.pool
+            overflow = pool.overflow() if hasattr(pool, "overflow") else 0
+            if overflow > 0:
+                self.overflow_checkouts += 1
+                if overflow > self.overflow_max:
+                    self.overflow_max = overflow
 
     def checked_in(self, record: ConnectionPoolEntry) -> None:
         if self.overloaded and not self.acquisition.pending:  # a connection is free and nobody waits: it is over

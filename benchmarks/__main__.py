@@ -12,6 +12,8 @@ import contextlib
 import json
 import os
 import platform
+import re
+import shutil
 import signal
 import socket
 import statistics
@@ -28,6 +30,7 @@ from sqlalchemy.engine import make_url
 
 from demo_app.embedded import EmbeddedPostgres
 
+from .instructions import bench_instructions
 from .stats import Series, table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -291,40 +294,55 @@ def uvicorn_process(
         proc.wait()
 
 
+def wrk(port: int, path: str, connections: int, seconds: float) -> dict[str, float]:
+    """One wrk run (one thread: the server under test keeps the other core): requests/s, p99 in ms, errors."""
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(seconds, 1):g}s", "--latency", f"http://127.0.0.1:{port}{path}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\b", out, re.M)
+    if rate is None or p99 is None:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    failed = int(errors.group(1)) if errors else 0
+    failed += sum(int(n) for n in socket_errors.groups()) if socket_errors else 0
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    return {"rate": float(rate.group(1)), "p99": float(p99.group(1)) * scale, "errors": failed}
+
+
 def bench_end_to_end(url: str, rounds: int, seconds: float) -> str:
-    results: dict[str, list[dict[str, Any]]] = {"bare": [], "wrapped": []}
+    """wrk against uvicorn, bare and wrapped in interleaved rounds (each round starts both anew)."""
+    if shutil.which("wrk") is None:
+        return "wrk is not installed (Debian: `apt-get install wrk`); skipped."
+    series, p99 = Series("bare"), Series("bare")
+    errors = {"bare": 0, "wrapped": 0}
     for r in range(rounds):
         for variant in ["bare", "wrapped"] if r % 2 == 0 else ["wrapped", "bare"]:
             with uvicorn_process(url, variant, "10,10") as (proc, port):
-                out = subprocess.run(
-                    [sys.executable, "-m", "benchmarks.loadgen", str(port), "/q", "64", str(seconds)],
-                    cwd=ROOT,
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                results[variant].append(json.loads(out.stdout))
+                wrk(port, "/q", 32, 1)  # warm-up: the pool's connections, the first requests' imports
+                result = wrk(port, "/q", 32, seconds)
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(30)
-    series = Series("bare")
-    p99 = Series("bare")
-    for variant, runs in results.items():
-        for res in runs:
-            series.add(variant, res["requests"] / res["seconds"])
-            lat = res["latencies_ms"]
-            p99.add(variant, lat[int(len(lat) * 0.99) - 1] if lat else float("nan"))
-    errors = {k: sum(r["errors"] for r in v) for k, v in results.items()}
+            series.add(variant, result["rate"])
+            p99.add(variant, 1 / result["p99"])  # a rate, so the ratio reads like the others
+            errors[variant] += int(result["errors"])
     rows = [
         [
-            *series.row(k, "req/s")[:3],
-            series.row(k, "req/s")[3],
-            f"{statistics.median(p99.samples[k]):.1f} ms",
+            *series.row(k, "req/s"),
+            f"{1 / statistics.median(p99.samples[k]):.1f} ms",
             f"{statistics.median(p99.ratios(k)):.3f}",
             str(errors[k]),
         ]
         for k in ("bare", "wrapped")
     ]
-    return table(["variant", "median rate", "ratio to bare", "min-max", "p99 latency", "p99 ratio", "errors"], rows)
+    return table(
+        ["variant", "median rate", "ratio to bare", "min-max", "p99 latency", "p99 ratio (bare / variant)", "errors"],
+        rows,
+    )
 
 
 def bench_shutdown(url: str, rounds: int) -> str:
@@ -405,17 +423,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="one tiny round of each (for the test suite)")
     parser.add_argument(
-        "--only", nargs="*", choices=["inprocess", "inprocess-db", "checkout", "e2e", "shutdown", "overload"]
+        "--only",
+        nargs="*",
+        choices=["instructions", "inprocess", "inprocess-db", "checkout", "e2e", "shutdown", "overload"],
     )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args(argv)
-    chosen = set(args.only or ["inprocess", "inprocess-db", "checkout", "e2e", "shutdown", "overload"])
+    chosen = set(args.only or ["instructions", "inprocess", "inprocess-db", "checkout", "e2e", "shutdown", "overload"])
     rounds, n, seconds = (1, 200, 0.3) if args.smoke else (7, 20000, 3.0)
     sections = [
         f"# Benchmark results\n\nMachine: {environment()}.\n"
         f"Mode: {'smoke (not a measurement)' if args.smoke else f'{rounds} interleaved rounds'}.\n"
     ]
     with database() as url:
+        if "instructions" in chosen:
+            sections.append(
+                "## Instructions per operation (valgrind's callgrind; repeatable, whatever else runs)\n\n"
+                + bench_instructions(url, smoke=args.smoke)
+            )
         if "inprocess" in chosen:
             sections.append(
                 "## Per-request overhead, in process (trivial Starlette endpoint)\n\n"
@@ -430,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             sections.append("## Pool checkout/checkin loop\n\n" + asyncio.run(bench_checkout(url, rounds, n)))
         if "e2e" in chosen:
             sections.append(
-                "## End to end: uvicorn, one `SELECT 1` per request, 64 keep-alive clients\n\n"
+                "## End to end: wrk against uvicorn, one `SELECT 1` per request, 32 keep-alive connections\n\n"
                 + bench_end_to_end(url, rounds, seconds)
             )
         if "shutdown" in chosen:
