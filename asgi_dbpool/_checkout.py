@@ -147,10 +147,10 @@ def _is_internal(filename: str) -> bool:
 #: How many of the user's frames a checkout records (the innermost first): enough to get from a shared helper
 #: (a decorator, a repository function) to the endpoint that called it.
 SITE_FRAMES = 3
-#: After the first user frame, how many more frames the walk looks at for its callers: past the endpoint lie
-#: the framework's and the server's frames, and walking them all on every checkout costs more than the rest of
-#: the bookkeeping together.
-CALLER_REACH = 6
+#: After the first user frame, how many more frames the walk looks at for its callers (a helper's caller, or
+#: one decorator between them): past the endpoint lie the framework's and the server's frames, and each frame
+#: walked costs about 1.5 k instructions per checkout (Python makes a frame object for it).
+CALLER_REACH = 2
 
 #: A frame as a checkout records it: its code and the offset of its current instruction. The line number is
 #: worked out only when a report asks (``frame.f_lineno`` decodes the line table: the costliest part of a walk).

@@ -55,19 +55,19 @@ class ConnectionTracker:
         self.websockets: set[_WebSocket] = set()
         # WebSockets the server closed for its own shutdown (1012, as uvicorn does before lifespan.shutdown).
         self.closed_by_server = 0
-        self._http_waiter: asyncio.Future[None] | None = None
+        self.drain_waiter: asyncio.Future[None] | None = None  # made by wait_http, when shutdown drains
         self._ws_waiter: asyncio.Future[None] | None = None
 
     def http_done(self) -> None:
-        self.http_in_flight -= 1
-        if not self.http_in_flight and self._http_waiter is not None and not self._http_waiter.done():
-            self._http_waiter.set_result(None)
+        """A request ended while shutdown drains (the middleware has counted it out already)."""
+        if not self.http_in_flight and self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
 
     async def wait_http(self) -> None:
         """Return when no HTTP request is in flight."""
         while self.http_in_flight:
-            self._http_waiter = asyncio.get_running_loop().create_future()
-            await self._http_waiter
+            self.drain_waiter = asyncio.get_running_loop().create_future()
+            await self.drain_waiter
 
     async def wait_websockets(self) -> None:
         """Return when every accepted WebSocket's handler has returned."""

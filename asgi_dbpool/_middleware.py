@@ -209,7 +209,9 @@ class DBPoolMiddleware:
                 request.done = True
                 if request.holding:  # it leaves connections behind: a leak check compares their task with its own
                     request.task = current_task()
-                connections.http_done()
+                connections.http_in_flight -= 1
+                if connections.drain_waiter is not None:  # shutdown waits for the last request
+                    connections.http_done()
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
         else:
