@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -119,3 +121,19 @@ async def test_names_units_and_attributes_are_the_semantic_conventions(
     assert len(ours) == 8
     assert {name: spec.get(name) for name in ours} == ours
     assert keys == {db_attributes.DB_CLIENT_CONNECTION_POOL_NAME, db_attributes.DB_CLIENT_CONNECTION_STATE}
+
+
+def test_no_histogram_is_recorded_without_an_sdk_provider() -> None:
+    """With only the API's placeholder provider, checkouts record nothing into OpenTelemetry (a cost per checkout
+    and nobody to read it); the instruments are still published for a provider configured later. A process of its
+    own: this session configures an SDK provider."""
+    code = (
+        "from sqlalchemy.ext.asyncio import create_async_engine\n"
+        "from starlette.applications import Starlette\n"
+        "from asgi_dbpool import DBPoolMiddleware\n"
+        "app = DBPoolMiddleware(Starlette(), create_async_engine('postgresql+asyncpg://u@localhost/db'))\n"
+        "tracker = app.all_trackers()[0]\n"
+        "print(app.opentelemetry, [h.otel for h in (tracker.acquisition.wait, tracker.use, tracker.create)])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout == "True [None, None, None]\n"
