@@ -35,6 +35,7 @@ from tests.servers import Run
 pytestmark = [pytest.mark.anyio, pytest.mark.servers]
 SLOW_SECONDS = 3.0  # wide enough that the signal lands inside the window on a loaded machine
 WRITES = 6
+SLOW_READ = {False: 0.6, True: 2.0}  # seconds of the slow read; True: the "none" window
 
 # (server, window, what the slow worker does): "stopped" ends its startup at the signal, "whole" completes its
 # startup and runs the whole shutdown, "killed" dies before any of our code ran.
@@ -80,13 +81,23 @@ async def sigterm_in_window(run: Run, window: str, claim: Path) -> None:
             if response.status_code == 200:
                 run.ids[token] = response.json()["id"]
 
+        async def slow() -> None:
+            try:
+                run.slow = (await client.get("/slow", params={"sleep": SLOW_READ[window == "none"]})).status_code
+            except httpx.HTTPError as exc:
+                run.slow = type(exc).__name__
+
         tasks = [asyncio.create_task(write(f"{run.name}-{i}")) for i in range(WRITES)]
-        for _ in range(400):  # every write is in the database: accepted before the signal
-            if await run.active_sleeps() >= WRITES:
+        # The slow read outlasts the writes (0.3 s): one worker is still draining when the other exits, the
+        # moment hypercorn's master SIGTERMs the workers still running (by 2 s when both are up: an exiting
+        # worker takes a while to end on a loaded machine).
+        tasks.append(asyncio.create_task(slow()))
+        for _ in range(400):  # every request is in the database: accepted before the signal
+            if await run.active_sleeps() >= WRITES + 1:
                 break
             await asyncio.sleep(0.01)
         else:
-            raise AssertionError(f"the writes never reached the database:\n{run.output()}")
+            raise AssertionError(f"the requests never reached the database:\n{run.output()}")
         if window != "none":
             for _ in range(400):
                 if f"window {window}" in run.output():
@@ -115,6 +126,7 @@ async def test_sigterm_while_a_worker_starts(
     assert run.exit_code == 0, output
     assert run.noise() == [], output
     assert set(run.writes.values()) == {200}, (run.writes, output)
+    assert run.slow == 200, output
     stored = await run.stored()
     assert stored == run.ids, output
     assert await run.backends_left() == 0, output

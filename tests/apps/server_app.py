@@ -138,8 +138,9 @@ async def add(request: Request) -> JSONResponse:
 
 
 async def slow(request: Request) -> JSONResponse:
+    seconds = float(request.query_params.get("sleep", "0.6"))
     async with maker() as session:
-        await session.execute(text("SELECT pg_sleep(0.6)"))
+        await session.execute(text("SELECT pg_sleep(:s)"), {"s": seconds})
         count = (await session.execute(text("SELECT count(*) FROM matrix_writes"))).scalar_one()
     return JSONResponse({"count": count})
 
