@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import re
 import signal
 from pathlib import Path
@@ -29,6 +30,8 @@ from pathlib import Path
 import httpx
 import pytest
 import websockets
+from sqlalchemy.pool.base import _ConnectionRecord
+from uvicorn.server import Server
 
 from tests.servers import Run
 
@@ -49,6 +52,14 @@ CASES = [
     ("gunicorn", "app", "stopped"),
     ("granian-workers", "connect", "stopped"),
 ]
+# Two faults of older releases that no code of the app can reach (both documented in docs/scale.md); the lowest
+# versions the suite declares have them, so there the test asserts them instead of a clean run:
+# - uvicorn before Kludex/uvicorn#2812 skips the lifespan shutdown of a worker whose SIGTERM came before its
+#   startup completed, and dies by the re-raised signal with everything open;
+# - SQLAlchemy before sqlalchemy/sqlalchemy#13548 leaves a connection whose connect event was cancelled to the
+#   garbage collector, which resets it (one ``Connection reset by peer`` or ``connection to client lost``).
+UVICORN_SKIPS_SHUTDOWN = "if self.started:" not in inspect.getsource(Server._serve)
+SQLALCHEMY_STRANDS_CONNECTION = "stranded" not in inspect.getsource(_ConnectionRecord)
 CONTROLS = [
     ("uvicorn-workers", "connect"),
     ("hypercorn-workers", "none"),
@@ -130,13 +141,14 @@ async def test_sigterm_while_a_worker_starts(
     stored = await run.stored()
     assert stored == run.ids, output
     assert await run.backends_left() == 0, output
-    assert run.unclean() == [], output  # read once the backends are gone: they log their end as they go
+    unclean = run.unclean()  # read once the backends are gone: they log their end as they go
     workers = {int(pid) for pid in re.findall(r"^\w+ \S+ \[(\d+)\]: ", output, re.M)}
     assert len(workers) == 2, output
     started = {pid for pid in workers if lines_of(output, pid, "app started")}
     finished = {pid for pid in workers if lines_of(output, pid, "shutdown finished in")}
     stopped = {pid for pid in workers if lines_of(output, pid, "startup stopped by SIGTERM before it completed")}
     if slow_worker is None:  # both were starting or up: each ran the whole shutdown, or ended its startup
+        assert unclean == [], output
         assert finished == started, output
         assert finished | stopped == workers, output
         assert not finished & stopped, output
@@ -145,6 +157,16 @@ async def test_sigterm_while_a_worker_starts(
     (fast,) = workers - {slow}
     assert fast in started & finished, output
     assert fast not in stopped, output
+    if slow_worker == "whole" and UVICORN_SKIPS_SHUTDOWN:
+        assert slow in started, output
+        assert slow not in finished | stopped, output
+        assert unclean != [], output
+        return
+    if slow_worker == "stopped" and window == "connect" and SQLALCHEMY_STRANDS_CONNECTION:
+        assert len(unclean) == 1, unclean  # reset while the backend reads, or lost while it sends the cancel error
+        assert unclean[0].endswith(("Connection reset by peer", "connection to client lost")), unclean
+    else:
+        assert unclean == [], output
     if slow_worker == "whole":
         assert slow in started & finished, output
         assert slow not in stopped, output
