@@ -158,9 +158,11 @@ async def test_sigterm_while_a_worker_starts(
     assert fast in started & finished, output
     assert fast not in stopped, output
     if slow_worker == "whole" and UVICORN_SKIPS_SHUTDOWN:
+        # Its connections die with it; PostgreSQL logs that only for those in a transaction or being read (its
+        # poller's, now and then), so the fault shown is the shutdown that never ran.
         assert slow in started, output
         assert slow not in finished | stopped, output
-        assert unclean != [], output
+        assert lines_of(output, slow, "lifespan cancelled without a shutdown message") == 0, output
         return
     if slow_worker == "stopped" and window == "connect" and SQLALCHEMY_STRANDS_CONNECTION:
         assert len(unclean) == 1, unclean  # reset while the backend reads, or lost while it sends the cancel error
