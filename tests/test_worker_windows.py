@@ -57,7 +57,7 @@ CASES = [
 # - uvicorn before Kludex/uvicorn#2812 skips the lifespan shutdown of a worker whose SIGTERM came before its
 #   startup completed, and dies by the re-raised signal with everything open;
 # - SQLAlchemy before sqlalchemy/sqlalchemy#13548 leaves a connection whose connect event was cancelled to the
-#   garbage collector, which resets it (one ``Connection reset by peer`` or ``connection to client lost``).
+#   garbage collector, which resets it (at most one ``Connection reset by peer`` or ``connection to client lost``).
 UVICORN_SKIPS_SHUTDOWN = "if self.started:" not in inspect.getsource(Server._serve)
 SQLALCHEMY_STRANDS_CONNECTION = "stranded" not in inspect.getsource(_ConnectionRecord)
 CONTROLS = [
@@ -165,8 +165,10 @@ async def test_sigterm_while_a_worker_starts(
         assert lines_of(output, slow, "lifespan cancelled without a shutdown message") == 0, output
         return
     if slow_worker == "stopped" and window == "connect" and SQLALCHEMY_STRANDS_CONNECTION:
-        assert len(unclean) == 1, unclean  # reset while the backend reads, or lost while it sends the cancel error
-        assert unclean[0].endswith(("Connection reset by peer", "connection to client lost")), unclean
+        # That one connection, when PostgreSQL logs its end: reset while the backend reads, lost while it sends
+        # the cancel error (under granian it often goes unlogged, closed with the process while idle).
+        assert len(unclean) <= 1, unclean
+        assert all(line.endswith(("Connection reset by peer", "connection to client lost")) for line in unclean)
     else:
         assert unclean == [], output
     if slow_worker == "whole":
