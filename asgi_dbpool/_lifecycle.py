@@ -25,7 +25,7 @@ from ._parse import mask_url
 from ._records import fields
 from ._registry import PGBOUNCER_MODES
 from ._shutdown import CONNECTION_CLOSE_TIMEOUT, FORCE_EXIT_BUDGET, ShutdownClock, close_engines
-from ._signals import on_stop_signal
+from ._signals import DeferredTermination, on_stop_signal
 from ._startup import StartupError, check_budget, check_reachable, pool_logger_names, watch_leaks
 from ._tracker import PoolTracker
 from ._types import ASGIApp, Scope
@@ -61,6 +61,8 @@ class Lifecycle:
         self.monitor_task: asyncio.Task[None] | None = None
         self.leak_task: asyncio.Task[None] | None = None
         self.inner: InnerLifespan | None = None
+        self.termination = DeferredTermination()  # SIGTERM where nothing handles it: held until we closed ours
+        self.terminating: asyncio.Task[tuple[Outcome, str]] | None = None  # the shutdown that such a SIGTERM began
         self.claim(strict=False)
 
     @property
@@ -109,6 +111,10 @@ class Lifecycle:
         """Our startup, then the wrapped app's; ``None`` when both completed, else the one line for
         ``lifespan.startup.failed`` (everything opened is closed again before it returns).
 
+        SIGINT or SIGTERM during it ends it too, everything closed, and returns ``None``: the server was asked to
+        stop, so ``startup.complete`` lets it go on to that shutdown (``startup.failed`` would read as a broken
+        app: uvicorn exits 3, which gunicorn's master takes for a worker that failed to boot and halts on, cutting
+        the other workers); the shutdown then finds nothing left to close.
         A cancellation (the server stopping during startup) propagates; the caller then calls :meth:`abort`.
         """
         try:
@@ -117,6 +123,7 @@ class Lifecycle:
             return str(exc)
         self.state = "starting"
         self.shutting_down = self.server_stopping = False
+        self.terminating = None
         _guard.app_started(id(self))
         task = asyncio.current_task()
         stopped_by: list[signal.Signals] = []
@@ -126,6 +133,7 @@ class Lifecycle:
                 stopped_by.append(sig)
                 task.cancel()
 
+        self.termination.install(self._terminated)  # before on_stop_signal, which then chains in front of it
         try:
             with on_stop_signal(stop):
                 await self._start_ours()
@@ -134,7 +142,10 @@ class Lifecycle:
         except asyncio.CancelledError:
             if not stopped_by or task is None or task.uncancel():  # the server's own cancellation: honour it
                 raise
-            failure = f"asgi_dbpool: startup stopped by {stopped_by[0].name} before it completed"
+            # Logged first: with SIGTERM held by DeferredTermination the process ends as the closing completes.
+            logger.info("startup stopped by %s before it completed; closing what it opened", stopped_by[0].name)
+            await self._close_quietly()
+            return None
         except StartupError as exc:
             failure = str(exc)
         except Exception as exc:  # any other failure answers startup.failed too, never silence
@@ -150,6 +161,11 @@ class Lifecycle:
 
     async def shutdown(self) -> tuple[Outcome, str]:
         """The ordered shutdown, every step bounded by ``shutdown_timeout``; returns the wrapped app's answer."""
+        terminating = self.terminating
+        if terminating is not None and terminating is not asyncio.current_task():  # a SIGTERM began it: wait
+            return await asyncio.shield(terminating)
+        if self.state == "stopped":  # a startup stopped by a signal closed everything already
+            return ("not running", "")
         clock = ShutdownClock(self.options.shutdown_timeout)
         self._enter_shutdown()  # 1. the flag first
         logger.info("shutdown flag set (budget %.1fs)", clock.seconds, extra=fields("flag", budget=clock.seconds))
@@ -166,13 +182,15 @@ class Lifecycle:
             if answer[0] == "timeout":
                 logger.warning("%s; it was cancelled", answer[1])
         await close_engines(self.all_trackers, clock)  # 6-7. refuse checkouts, reclaim, dispose
-        self._stopped()
         logger.info("shutdown finished in %.3fs", clock.elapsed(), extra=fields("finished", seconds=clock.elapsed()))
+        self._stopped()
         return answer
 
     async def abort(self) -> None:
         """The server cancelled the lifespan (a forced exit, or a stop during startup): close everything now,
         within ``min(shutdown_timeout, FORCE_EXIT_BUDGET)``."""
+        if self.state == "stopped":  # a startup stopped by a signal closed everything already
+            return
         clock = ShutdownClock(min(self.options.shutdown_timeout, FORCE_EXIT_BUDGET))
         self._enter_shutdown()
         logger.info("lifespan cancelled without a shutdown message; closing connections now")
@@ -295,3 +313,15 @@ class Lifecycle:
     def _stopped(self) -> None:
         self.state = "stopped"
         _guard.app_stopped(id(self))
+        self.termination.release()  # a SIGTERM held meanwhile ends the process now, as its default would have
+
+    def _terminated(self) -> None:
+        """SIGTERM arrived where nothing else handles it (see :class:`DeferredTermination`). Starting: the handler
+        ``start`` chains in front of it ends the startup. Running: the whole shutdown runs now, as if the server
+        had asked; stopping: the shutdown under way goes on. Either way the process ends when it is done."""
+        if self.state == "running":
+            self.terminating = asyncio.get_running_loop().create_task(
+                self.shutdown(), name="asgi_dbpool: shutdown on SIGTERM"
+            )
+        elif self.state in ("new", "stopped"):
+            self.termination.release()

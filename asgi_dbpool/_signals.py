@@ -57,3 +57,47 @@ def on_stop_signal(callback: Callable[[signal.Signals], None]) -> Iterator[None]
         for sig, (handler, previous) in installed.items():
             if signal.getsignal(sig) is handler:  # else someone chained after us: ours stays, inactive
                 signal.signal(sig, previous)
+
+
+class DeferredTermination:
+    """SIGTERM that nothing handles ends the process at once (its default action): a hypercorn worker, whose
+    master sends it to the workers still running as soon as one worker exited, dies mid-startup or mid-drain with
+    its connections open. Where SIGTERM has that default, the lifecycle holds it for as long as it owns
+    connections: :meth:`install` puts a handler in its place that calls ``callback`` in the loop, and
+    :meth:`release` puts the default back and, if the signal came, raises it again, so the process still ends by
+    SIGTERM, only after what it opened was closed. A disposition anyone else chose (a server's handler, ignored)
+    is left alone.
+    """
+
+    def __init__(self) -> None:
+        self.handler: Callable[[int, FrameType | None], Any] | None = None
+        self.received = False
+
+    def install(self, callback: Callable[[], None]) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if self.handler is not None or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+        loop = asyncio.get_running_loop()
+        self.received = False
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            if self.received:  # one is being handled; the lifecycle's own deadlines bound it
+                return
+            self.received = True
+            try:
+                loop.call_soon_threadsafe(callback)
+            except RuntimeError:  # the loop is closed: nothing of ours can run any more, end as the default would
+                self.release()
+
+        signal.signal(signal.SIGTERM, handler)
+        self.handler = handler
+
+    def release(self) -> None:
+        """Put the default back; end the process by SIGTERM now if one was held."""
+        handler, self.handler = self.handler, None
+        if handler is None or signal.getsignal(signal.SIGTERM) is not handler:  # someone chained after us: theirs
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if self.received:
+            signal.raise_signal(signal.SIGTERM)

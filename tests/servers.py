@@ -41,10 +41,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def server_command(server: str, target: str, port: int, graceful: float) -> list[str]:
+def server_command(server: str, target: str, port: int, graceful: float, workers: int = 4) -> list[str]:
+    """The command line of ``server``; the ``*-workers`` servers and gunicorn run ``workers`` worker processes."""
     spec = f"tests.apps.server_app:{target}"
     if server == "uvicorn-workers":
-        return [sys.executable, "-m", "uvicorn", spec, "--port", str(port), "--workers", "4"]
+        return [sys.executable, "-m", "uvicorn", spec, "--port", str(port), "--workers", str(workers)]
+    if server == "hypercorn-workers":
+        return [*server_command("hypercorn", target, port, graceful), "--workers", str(workers)]
     if server == "gunicorn":
         return [
             sys.executable,
@@ -54,14 +57,14 @@ def server_command(server: str, target: str, port: int, graceful: float) -> list
             "--bind",
             f"127.0.0.1:{port}",
             "--workers",
-            "4",
+            str(workers),
             "--worker-class",
             "uvicorn_worker.UvicornWorker",
             "--graceful-timeout",
             str(int(graceful)),
         ]
     if server == "granian-workers":
-        return [*server_command("granian", target, port, graceful), "--workers", "4"]
+        return [*server_command("granian", target, port, graceful), "--workers", str(workers)]
     if server == "granian":
         return [
             sys.executable,
@@ -118,6 +121,7 @@ class Run:
     writes: dict[str, Any] = dataclasses.field(default_factory=dict)  # token -> status or error
     ids: dict[str, int] = dataclasses.field(default_factory=dict)  # token -> id answered with 200
     slow: Any = None
+    workers: int = 4  # of the multi-process servers
 
     @property
     def check_url(self) -> str:
@@ -135,7 +139,7 @@ class Run:
             "PYTHONPATH": str(ROOT),
             **(extra_env or {}),
         }
-        command = server_command(self.server, "app" if self.wrapped else "bare_app", self.port, graceful)
+        command = server_command(self.server, "app" if self.wrapped else "bare_app", self.port, graceful, self.workers)
         with self.log_path.open("wb") as out:
             # A session of its own: a hung server is killed with its workers (signals still go to the master only).
             self.proc = subprocess.Popen(

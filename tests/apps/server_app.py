@@ -3,6 +3,12 @@
 Served by a real server process: ``uvicorn tests.apps.server_app:app`` (wrapped) or ``...:bare_app``
 (the control, no middleware). Reads ``ASGI_DBPOOL_TEST_DATABASE_URL`` and ``MATRIX_APP_NAME`` (the
 ``application_name`` of its connections and the ``run`` column of its writes).
+
+Test-only: ``MATRIX_SLOW_WINDOW`` widens one moment of a worker's startup to ``MATRIX_SLOW_SECONDS``, so a
+signal sent while the worker logs ``window <name>`` lands inside it: ``import`` (before the app exists),
+``connect`` (the first connection of the process sleeps in SQL: the middleware's startup ping, or the bare app's
+own startup), ``app`` (the wrapped app's lifespan startup, a transaction open). With ``MATRIX_SLOW_CLAIM`` (a
+path) only the first worker to create that file is slow; the others start at once and take the traffic.
 """
 
 from __future__ import annotations
@@ -11,10 +17,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
@@ -29,12 +36,47 @@ logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s [%(proces
 logging.captureWarnings(True)
 
 RUN = os.environ.get("MATRIX_APP_NAME", "matrix")
+SLOW_WINDOW = os.environ.get("MATRIX_SLOW_WINDOW")
+SLOW_SECONDS = float(os.environ.get("MATRIX_SLOW_SECONDS", "2"))
+# Not "SELECT pg_sleep(": the drivers count active sleeps of that shape as requests that reached the database.
+SLOW_SQL = f"SELECT 1 FROM pg_sleep({SLOW_SECONDS})"
+
+
+def slow_here(window: str) -> bool:
+    """Whether this worker widens ``window`` (it logs that it entered it)."""
+    if window != SLOW_WINDOW:
+        return False
+    claim = os.environ.get("MATRIX_SLOW_CLAIM")
+    if claim:
+        try:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:  # another worker is the slow one
+            return False
+    logging.getLogger("matrix").info("window %s", window)
+    return True
+
+
+if slow_here("import"):
+    time.sleep(SLOW_SECONDS)
 # DB_PGBOUNCER=transaction when the URL is a PgBouncer's (the PgBouncer workers test; "off" is its control).
 settings = PoolSettings(pool_size=20, max_overflow=10, pgbouncer=os.environ.get("DB_PGBOUNCER", "off"))
 engine = settings.create_async_engine(
     os.environ["ASGI_DBPOOL_TEST_DATABASE_URL"], connect_args={"server_settings": {"application_name": RUN}}
 )
 maker = async_sessionmaker(engine, expire_on_commit=False)
+if SLOW_WINDOW == "connect":
+    connected: list[bool] = []
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def slow_first_connect(dbapi_connection: Any, record: Any) -> None:
+        if not connected:
+            connected.append(True)
+            if slow_here("connect"):
+                cursor = dbapi_connection.cursor()
+                cursor.execute(SLOW_SQL)
+                cursor.close()
+
+
 leaked: list[AsyncSession] = []
 
 
@@ -52,6 +94,9 @@ async def poller() -> None:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    if slow_here("app"):
+        async with engine.connect() as conn:  # before the lock below: the other workers must not wait for it
+            await conn.execute(text(SLOW_SQL))
     async with engine.begin() as conn:
         await conn.execute(text("SELECT pg_advisory_xact_lock(4242)"))  # servers of parallel tests race here
         await conn.execute(
@@ -93,8 +138,9 @@ async def add(request: Request) -> JSONResponse:
 
 
 async def slow(request: Request) -> JSONResponse:
+    seconds = float(request.query_params.get("sleep", "0.6"))
     async with maker() as session:
-        await session.execute(text("SELECT pg_sleep(0.6)"))
+        await session.execute(text("SELECT pg_sleep(:s)"), {"s": seconds})
         count = (await session.execute(text("SELECT count(*) FROM matrix_writes"))).scalar_one()
     return JSONResponse({"count": count})
 
