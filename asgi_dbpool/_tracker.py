@@ -1,4 +1,4 @@
-"""Per-engine bookkeeping through pool events: who holds which connection, timings, and closing what is left."""
+"""Per-engine bookkeeping: who holds which connection, timings, and closing what is left."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ class PoolTracker:
                     extra=fields("leak_returned", self.name, site=checkout.site, held=held),
                 )
 
-    # -- pool events -------------------------------------------------------------------------
+    # -- pool events (rare: invalidation, detach, a new connection) -------------------------------
     def _on_detach(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         self.checkouts.pop(id(record), None)
 
