@@ -65,6 +65,14 @@ def unclean_disconnects(application_names: list[str]) -> list[str]:
     return [line for line in lines if any(t in line for t in tags) and any(u in line for u in UNCLEAN_DISCONNECT)]
 
 
+def disconnections(application_name: str) -> int:
+    """Disconnections of this client the embedded server logged (clean or not)."""
+    if SERVER_LOG is None or not SERVER_LOG.exists():
+        return 0
+    lines = SERVER_LOG.read_text(errors="replace").splitlines()
+    return sum(f"app={application_name} " in line and "disconnection:" in line for line in lines)
+
+
 def asyncpg_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 

@@ -39,6 +39,7 @@ class MariaDB:
         self.socket = self.workdir / "mysqld.sock"
         self.log = self.workdir / "error.log"
         self.port = free_port()
+        self.admin_sessions = 0
         subprocess.run(
             [INSTALL_DB, "--no-defaults", f"--datadir={self.datadir}", "--user=root", "--skip-test-db",
              "--auth-root-authentication-method=normal"],
@@ -77,6 +78,7 @@ class MariaDB:
         """Run statements as root over the unix socket with the ``mariadb`` client; the rows, as text.
 
         The client program, not PyMySQL: no Python socket of ours is left to the garbage collector."""
+        self.admin_sessions += 1  # each call is one session in the server's Connections counter
         proc = subprocess.run(
             [CLIENT, "--no-defaults", f"--socket={self.socket}", "--user=root", "--batch", "--skip-column-names",
              "--connect-timeout=2", "-e", ";\n".join(statements)],
@@ -89,6 +91,11 @@ class MariaDB:
     def aborted(self) -> dict[str, int]:
         """``Aborted_clients`` (a client vanished mid-session) and ``Aborted_connects`` (a failed connect)."""
         return {name: int(value) for name, value in self.admin("SHOW GLOBAL STATUS LIKE 'Aborted_%'")}
+
+    def status(self) -> dict[str, int]:
+        """``Aborted_*`` and ``Connections`` (every session ever opened, this query's own included)."""
+        rows = self.admin("SHOW GLOBAL STATUS WHERE Variable_name LIKE 'Aborted\\_%' OR Variable_name = 'Connections'")
+        return {name: int(value) for name, value in rows}
 
     def connections_of(self, user: str = USER) -> int:
         """Sessions of ``user`` open on the server right now."""
