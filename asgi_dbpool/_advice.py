@@ -73,13 +73,16 @@ def budget_lines(
         bouncer = topology.pgbouncer_pool_size
         pooler = "a connection pooler (DB_PGBOUNCER not set)" if mode == "unknown" else f"PgBouncer ({mode} pooling)"
         through = f"through {pooler} at {where}: {arithmetic} client connections"
+        # PgBouncer is PostgreSQL's; for MySQL/MariaDB the remedies are the pool and the server's limit.
+        postgres = group[0].engine.dialect.name == "postgresql"
+        remedy = ", raise max_connections, or put PgBouncer in front" if postgres else " or raise max_connections"
         if mode == "off":
             if total <= available:
                 continue
             line = (
                 logging.WARNING,
                 f"connection budget exceeded on {where}: {arithmetic} connections > {limit}; lower "
-                "DB_POOL_SIZE / DB_MAX_OVERFLOW, raise max_connections, or put PgBouncer in front",
+                f"DB_POOL_SIZE / DB_MAX_OVERFLOW{remedy}",
             )
         elif bouncer is None:
             line = (
