@@ -177,8 +177,9 @@ def test_with_the_middleware_every_driver_is_silent(
     elif driver == "aiomysql":
         # Every session said COM_QUIT but one whose query was cut: a background task the app never stops,
         # cancelled by the shutdown mid-query (MariaDB still sends the result; the closed socket answers RST).
+        # Cancelled between its query and its checkin, the same task costs nothing.
         cut = sum(int(m.group(1)) for line in events if (m := TASKS_CANCELLED.search(line)))
-        assert result["aborted_clients"] == cut, events
-        assert len(result["aborted_log"]) == cut
+        assert 0 <= result["aborted_clients"] <= cut, events
+        assert len(result["aborted_log"]) == result["aborted_clients"]
         assert result["aborted_connects"] == 0
         assert result["sessions"] >= 3
