@@ -56,7 +56,9 @@ def abort(connection: Any) -> None:
     elif driver == "psycopg":
         connection.pgconn.finish()  # what close() does, without the async wrapper
     elif driver == "aiosqlite":
-        connection.stop()  # ends its thread; sqlite3 closes the file when the connection is collected
+        # Ends its thread (a non-daemon one: left running, it holds the process at exit) once what is queued ran;
+        # stop() from aiosqlite 0.22.1, _stop_running() before. sqlite3 closes the file when it is collected.
+        (getattr(connection, "stop", None) or connection._stop_running)()
 
 
 def abort_if_closing(connection: Any) -> None:
@@ -91,7 +93,7 @@ def mysql_query_timeout(engine: Any, seconds: float) -> None:
     @event.listens_for(engine, "connect")
     def _set(dbapi_connection: Any, record: Any) -> None:  # runs after the dialect read the server version
         if engine.dialect.is_mariadb:
-            statement = f"SET SESSION max_statement_time = {seconds:g}"
+            statement = f"SET SESSION max_statement_time = {seconds:.6f}"
         else:
             statement = f"SET SESSION max_execution_time = {round(seconds * 1000)}"
         cursor = dbapi_connection.cursor()

@@ -229,3 +229,44 @@ async def test_a_pooler_in_front_is_noticed_when_not_configured(
     )
     # Told the mode, it only reasons about the budget.
     assert lines[2][1].startswith(f"connection budget through PgBouncer (transaction pooling) {where}")
+
+
+# -- psycopg 3 through the same PgBouncer ----------------------------------------------------------------------------
+
+
+def psycopg(url: str) -> str:
+    return make_url(url).set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
+async def test_psycopg_transaction_mode_setting_turns_off_its_prepared_statements(pgbouncer_url: str) -> None:
+    """psycopg prepares a query on a server connection from its fifth run (``prepare_threshold``); the setting
+    turns that off (``prepare_threshold=None``)."""
+    settings = PoolSettings.from_env({"DB_PGBOUNCER": "transaction", "DB_POOL_SIZE": "20", "DB_POOL_PRE_PING": "0"})
+    assert await hammer(settings, psycopg(pgbouncer_url), rounds=10) == []
+
+
+async def test_psycopg_control_without_the_setting_fails(pgbouncer_url: str) -> None:
+    settings = PoolSettings.from_env({"DB_POOL_SIZE": "20", "DB_POOL_PRE_PING": "0"})
+    errors: list[str] = []
+    for _ in range(5):  # which server connection a transaction lands on is up to PgBouncer: a few tries
+        errors = await hammer(settings, psycopg(pgbouncer_url), rounds=10)
+        if errors:
+            break
+    assert errors, "the control shows no failure: the test would prove nothing"
+    assert all("prepared statement" in e and "_pg3_" in e for e in errors), errors[:5]
+
+
+async def test_psycopg_through_a_pooler_is_detected(pgbouncer_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """psycopg's ``info.backend_pid`` is the process id PgBouncer gave at connect time, not pg_backend_pid()."""
+    caplog.set_level(logging.WARNING, logger="asgi_dbpool")
+    engine = create_async_engine(psycopg(pgbouncer_url), connect_args={"prepare_threshold": None})
+    app = DBPoolMiddleware(Starlette(), engine)
+    try:
+        async with LifespanManager(app):
+            assert app.all_trackers()[0].server["pooler"] == 1
+    finally:
+        await engine.dispose()
+    (line,) = [r.getMessage() for r in caplog.records if "connection pooler" in r.getMessage()]
+    assert line.startswith(
+        f"engine 'default' at {mask_url(make_url(psycopg(pgbouncer_url)))} goes through a connection"
+    )
