@@ -40,16 +40,24 @@ class MariaDB:
         self.log = self.workdir / "error.log"
         self.port = free_port()
         self.admin_sessions = 0
-        subprocess.run(
+        # A temporary directory of its own: two servers bootstrapping at once in /tmp (two CI columns) collide on
+        # the names of their temporary tables ("Unknown table 'mysql.tmp_user_sys'").
+        tmpdir = self.workdir / "tmp"
+        tmpdir.mkdir()
+        installed = subprocess.run(
             [INSTALL_DB, "--no-defaults", f"--datadir={self.datadir}", "--user=root", "--skip-test-db",
-             "--auth-root-authentication-method=normal"],
-            check=True, capture_output=True, timeout=120,
+             "--auth-root-authentication-method=normal", f"--tmpdir={tmpdir}"],
+            check=False, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
+        if installed.returncode:
+            raise RuntimeError(
+                f"mariadb-install-db failed ({installed.returncode}): {installed.stdout}{installed.stderr}"
+            )
         self._stderr = (self.workdir / "stderr.log").open("wb")
         self.proc = subprocess.Popen(
             [MARIADBD, "--no-defaults", f"--datadir={self.datadir}", "--user=root", f"--socket={self.socket}",
              f"--port={self.port}", "--bind-address=127.0.0.1", f"--log-error={self.log}",
-             f"--pid-file={self.workdir / 'mariadb.pid'}", "--skip-name-resolve",
+             f"--pid-file={self.workdir / 'mariadb.pid'}", "--skip-name-resolve", f"--tmpdir={tmpdir}",
              # 3: aborted connections (a client that vanished without COM_QUIT) are written to the error log too.
              "--log-warnings=3", "--max-connections=100", "--innodb-buffer-pool-size=16M",
              "--skip-log-bin", "--innodb-log-file-size=8M"],
