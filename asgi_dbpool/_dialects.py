@@ -71,17 +71,23 @@ def abort_if_closing(connection: Any) -> None:
 # -- the query timeout, in each driver's own terms ---------------------------------------------------------------------
 
 
-def query_timeout_options(url: URL, seconds: float, connect_args: dict[str, Any]) -> None:
-    """Put ``seconds`` (0: off) into ``connect_args`` the way the driver of ``url`` understands a query timeout."""
+def query_timeout_options(url: URL, seconds: float, connect_args: dict[str, Any], pgbouncer: bool) -> bool:
+    """Put ``seconds`` (0: off) into ``connect_args`` the way the driver of ``url`` understands a query timeout;
+    False when it cannot be (psycopg through PgBouncer)."""
     driver = url.get_driver_name()
     if driver == "asyncpg":
         connect_args.setdefault("command_timeout", seconds or None)  # client side: cancels the query
     elif driver == "psycopg" and seconds:
+        if pgbouncer:
+            # PgBouncer refuses the startup option ("unsupported startup parameter: options"), and a SET would
+            # land on whichever server connection runs it: only the server's own setting for the role works.
+            return False
         # Server side: PostgreSQL cancels the statement (psycopg has no client-side query timeout).
         connect_args.setdefault("options", f"-c statement_timeout={round(seconds * 1000)}")
     elif driver == "aiosqlite":
         # SQLite has no query timeout; sqlite3's ``timeout`` bounds the wait for a lock another connection holds.
         connect_args.setdefault("timeout", seconds or 0.0)
+    return True
 
 
 def mysql_query_timeout(engine: Any, seconds: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import uuid
 from collections.abc import Callable, Mapping
@@ -33,6 +34,9 @@ __all__ = ["ConfigError", "PoolSettings", "mask_url", "workers_value"]
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
+
+
+logger = logging.getLogger("asgi_dbpool")
 
 
 def _unique_statement_name() -> str:
@@ -234,7 +238,15 @@ class PoolSettings:
                 f"{mask_url(target)!r}; unset it."
             )
         connect_args: dict[str, Any] = dict(kwargs.pop("connect_args", {}))
-        query_timeout_options(target, self.query_timeout, connect_args)
+        pgbouncer = self.pgbouncer in ("session", "transaction")
+        if not query_timeout_options(target, self.query_timeout, connect_args, pgbouncer):
+            logger.warning(
+                "DB_QUERY_TIMEOUT=%g is not applied: psycopg can only set statement_timeout as a startup option, "
+                "which PgBouncer refuses; set it on the server for the role instead: ALTER ROLE ... SET "
+                "statement_timeout = '%gs'",
+                self.query_timeout,
+                self.query_timeout,
+            )
         if self.pgbouncer == "transaction" and target.get_driver_name() == "asyncpg":
             target = target.update_query_dict({"prepared_statement_cache_size": "0"})
             connect_args.setdefault("statement_cache_size", 0)

@@ -238,22 +238,35 @@ def psycopg(url: str) -> str:
     return make_url(url).set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
-async def test_psycopg_transaction_mode_setting_turns_off_its_prepared_statements(pgbouncer_url: str) -> None:
+async def test_psycopg_transaction_mode_setting_turns_off_its_prepared_statements(
+    pgbouncer_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     """psycopg prepares a query on a server connection from its fifth run (``prepare_threshold``); the setting
-    turns that off (``prepare_threshold=None``)."""
+    turns that off (``prepare_threshold=None``). PgBouncer refuses the startup option psycopg's query timeout
+    needs ("unsupported startup parameter: options"), so it is left out, with a WARNING saying what to do."""
+    caplog.set_level(logging.WARNING, logger="asgi_dbpool")
     settings = PoolSettings.from_env({"DB_PGBOUNCER": "transaction", "DB_POOL_SIZE": "20", "DB_POOL_PRE_PING": "0"})
     assert await hammer(settings, psycopg(pgbouncer_url), rounds=10) == []
+    assert [r.getMessage() for r in caplog.records] == [
+        "DB_QUERY_TIMEOUT=30 is not applied: psycopg can only set statement_timeout as a startup option, which "
+        "PgBouncer refuses; set it on the server for the role instead: ALTER ROLE ... SET statement_timeout = '30s'"
+    ]
 
 
-async def test_psycopg_control_without_the_setting_fails(pgbouncer_url: str) -> None:
-    settings = PoolSettings.from_env({"DB_POOL_SIZE": "20", "DB_POOL_PRE_PING": "0"})
-    errors: list[str] = []
-    for _ in range(5):  # which server connection a transaction lands on is up to PgBouncer: a few tries
-        errors = await hammer(settings, psycopg(pgbouncer_url), rounds=10)
-        if errors:
-            break
-    assert errors, "the control shows no failure: the test would prove nothing"
-    assert all("prepared statement" in e and "_pg3_" in e for e in errors), errors[:5]
+async def test_psycopg_query_timeout_through_pgbouncer_would_refuse_every_connection(pgbouncer_url: str) -> None:
+    """Why the option is left out: the control, with it (as without DB_PGBOUNCER)."""
+    settings = PoolSettings.from_env({"DB_POOL_SIZE": "2", "DB_POOL_PRE_PING": "0"})
+    errors = await hammer(settings, psycopg(pgbouncer_url), tasks=2, rounds=1)
+    assert len(errors) == 2
+    assert all("unsupported startup parameter: options" in e for e in errors), errors
+
+
+async def test_psycopg_is_quiet_without_the_setting_too(pgbouncer_url: str) -> None:
+    """The control shows nothing here (psycopg 3.2-3.3, PgBouncer 1.18): the same hammering, with psycopg's
+    prepare_threshold left at 5, fails no query. So the setting is psycopg's own advice for transaction pooling,
+    not a proven fix; this test keeps the observation honest (it fails the day the control starts failing)."""
+    settings = PoolSettings.from_env({"DB_POOL_SIZE": "20", "DB_POOL_PRE_PING": "0", "DB_QUERY_TIMEOUT": "0"})
+    assert await hammer(settings, psycopg(pgbouncer_url), rounds=10) == []
 
 
 async def test_psycopg_through_a_pooler_is_detected(pgbouncer_url: str, caplog: pytest.LogCaptureFixture) -> None:
