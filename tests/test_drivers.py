@@ -172,3 +172,31 @@ async def test_no_pooler_is_reported_on_a_direct_postgresql_connection(
         assert app.all_trackers()[0].server["pooler"] == 0
         assert app.all_trackers()[0].server["max_connections"] == 100
     assert [r.getMessage() for r in caplog.records if "pooler" in r.getMessage()] == []
+
+
+@pytest.mark.parametrize("driver", ["psycopg"])
+async def test_psycopg_budget_and_recycle_advice_read_postgresql(
+    driver_engine: Callable[..., AsyncEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="asgi_dbpool")
+    engine = driver_engine(
+        pool_size=30, max_overflow=40, pool_recycle=3600, connect_args={"options": "-c idle_session_timeout=600000"}
+    )
+    app = DBPoolMiddleware(Starlette(), engine, workers=4)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            advice: dict[str, Any] = (await client.get(PATH + "/advice")).json()["engines"]["default"]
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line == (
+        f"connection budget exceeded on {mask_url(engine.url)}: 4 worker(s) x (30 + 40) = 280 connections > "
+        "max_connections 100 - reserved 3 = 97; lower DB_POOL_SIZE / DB_MAX_OVERFLOW, raise max_connections, or "
+        "put PgBouncer in front"
+    )
+    by_setting = {item["setting"]: item for item in advice["advice"]}
+    assert by_setting["DB_POOL_RECYCLE"] == {
+        "setting": "DB_POOL_RECYCLE",
+        "current": 3600,
+        "suggested": 480,
+        "why": "the server closes idle sessions after 600s (idle_session_timeout): recycle connections before that",
+    }
