@@ -8,41 +8,23 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import text
-
+from ._dialects import IDLE_TIMEOUT_NAME, read_settings
 from ._settings import mask_url, workers_value
 from ._tracker import PoolTracker
 
 logger = logging.getLogger("asgi_dbpool")
 
-#: pg_settings gives each value in its base unit (milliseconds for the timeouts), unlike current_setting().
-_SERVER_QUERY = text(
-    "SELECT name, setting::int FROM pg_settings WHERE name IN ('max_connections', 'superuser_reserved_connections', "
-    "'reserved_connections', 'idle_session_timeout', 'idle_in_transaction_session_timeout') "
-    "UNION ALL SELECT 'backend_pid', pg_backend_pid()"
-)
 #: Enough checkouts to judge a pool by its high-water mark.
 MIN_CHECKOUTS = 100
 
 
 async def read_server(tracker: PoolTracker) -> dict[str, int]:
-    """The server settings the advice and the budget need (read once per startup)."""
+    """The server settings the advice and the budget need (read once per startup); empty for SQLite (no server)."""
     assert tracker.async_engine is not None
     async with tracker.async_engine.connect() as conn:
-        rows: dict[str, int] = {name: value for name, value in (await conn.execute(_SERVER_QUERY)).all()}
-        given = getattr((await conn.get_raw_connection()).driver_connection, "get_server_pid", lambda: None)()
-    server = {
-        "max_connections": rows["max_connections"],
-        "superuser_reserved_connections": rows.get("superuser_reserved_connections", 0),
-        "reserved_connections": rows.get("reserved_connections", 0),  # PostgreSQL 16+
-        "idle_session_timeout_ms": rows.get("idle_session_timeout", 0),  # PostgreSQL 14+
-        "idle_in_transaction_session_timeout_ms": rows.get("idle_in_transaction_session_timeout", 0),
-        # A pooler (PgBouncer, pgcat, RDS Proxy...) gives its clients a process id of its own at connect time;
-        # directly (or through a plain TCP proxy) it is the backend's own pg_backend_pid().
-        "pooler": int(given is not None and given != rows["backend_pid"]),
-    }
-    tracker.server = server
-    return server
+        server = await read_settings(conn)
+    tracker.server = server or {}
+    return tracker.server
 
 
 def workers_from_env(environ: Mapping[str, str] | None = None) -> int:
@@ -91,13 +73,16 @@ def budget_lines(
         bouncer = topology.pgbouncer_pool_size
         pooler = "a connection pooler (DB_PGBOUNCER not set)" if mode == "unknown" else f"PgBouncer ({mode} pooling)"
         through = f"through {pooler} at {where}: {arithmetic} client connections"
+        # PgBouncer is PostgreSQL's; for MySQL/MariaDB the remedies are the pool and the server's limit.
+        postgres = group[0].engine.dialect.name == "postgresql"
+        remedy = ", raise max_connections, or put PgBouncer in front" if postgres else " or raise max_connections"
         if mode == "off":
             if total <= available:
                 continue
             line = (
                 logging.WARNING,
                 f"connection budget exceeded on {where}: {arithmetic} connections > {limit}; lower "
-                "DB_POOL_SIZE / DB_MAX_OVERFLOW, raise max_connections, or put PgBouncer in front",
+                f"DB_POOL_SIZE / DB_MAX_OVERFLOW{remedy}",
             )
         elif bouncer is None:
             line = (
@@ -201,7 +186,8 @@ def advise(tracker: PoolTracker, cores: int | None = None) -> dict[str, Any]:
             "DB_POOL_RECYCLE",
             recycle,
             int(idle_ms * 0.8 / 1000),
-            f"the server closes idle sessions after "
-            f"{idle_ms / 1000:g}s (idle_session_timeout): recycle connections before that",
+            f"the server closes idle sessions after {idle_ms / 1000:g}s "
+            f"({IDLE_TIMEOUT_NAME.get(tracker.engine.dialect.name, 'idle_session_timeout')}): recycle connections "
+            "before that",
         )
     return {"observed": observed, "advice": advice}

@@ -20,7 +20,10 @@ MAX_SECONDS = 7 * 24 * 3600.0
 _PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
-ASYNC_DRIVERS = frozenset({"postgresql", "postgres", "postgresql+asyncpg"})
+#: Async schemes: the plain PostgreSQL ones mean asyncpg; each driver is tested against a real database.
+ASYNC_DRIVERS = frozenset(
+    {"postgresql", "postgres", "postgresql+asyncpg", "postgresql+psycopg", "mysql+aiomysql", "sqlite+aiosqlite"}
+)
 SYNC_DRIVERS = frozenset({"postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg", "postgresql+pg8000"})
 
 

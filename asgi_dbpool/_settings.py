@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import uuid
 from collections.abc import Callable, Mapping
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import URL, make_url
 
+from ._dialects import SUPPORTED, mysql_query_timeout, query_timeout_options
 from ._options import DEFAULT_STATS_PATH, MiddlewareOptions, Options
 from ._parse import (
     ASYNC_DRIVERS,
@@ -32,6 +34,9 @@ __all__ = ["ConfigError", "PoolSettings", "mask_url", "workers_value"]
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
+
+
+logger = logging.getLogger("asgi_dbpool")
 
 
 def _unique_statement_name() -> str:
@@ -91,7 +96,7 @@ class PoolSettings:
     pool_timeout: float = PROFILES["development"]["pool_timeout"]
     pool_recycle: int = PROFILES["development"]["pool_recycle"]  # 0 turns recycling off
     pool_pre_ping: bool = True
-    query_timeout: float = 30.0  # asyncpg's command_timeout; 0 turns it off
+    query_timeout: float = 30.0  # in the driver's own terms (see create_async_engine); 0 turns it off
     leak_threshold: float = 0.0  # seconds a checkout may last before it is reported; 0 turns it off
     retry_after: int = 1  # the Retry-After of a 503 for an exhausted pool
     max_pending: int = 0  # fail a checkout at once when this many tasks already wait; 0 turns it off
@@ -183,16 +188,24 @@ class PoolSettings:
         }
 
     def async_url(self) -> URL:
-        """``ASYNC_DATABASE_URL``, else ``DATABASE_URL`` with its driver switched to asyncpg."""
+        """``ASYNC_DATABASE_URL``, else ``DATABASE_URL``; a PostgreSQL URL without an async driver gets asyncpg."""
         raw = self.async_database_url or self.database_url
         if raw is None:
             raise ConfigError(
                 "No database URL is set; set ASYNC_DATABASE_URL (or DATABASE_URL) to postgresql+asyncpg://..."
             )
-        return make_url(raw).set(drivername="postgresql+asyncpg")
+        url = make_url(raw)
+        if url.drivername not in SUPPORTED:  # postgresql, postgres, or a sync PostgreSQL driver (validated)
+            url = url.set(drivername="postgresql+asyncpg")
+        return url
 
     def create_async_engine(self, url: str | URL | None = None, **kwargs: Any) -> AsyncEngine:
-        """Build an :class:`AsyncEngine` with these pool options; ``query_timeout`` is asyncpg's ``command_timeout``.
+        """Build an :class:`AsyncEngine` with these pool options and ``query_timeout`` in the driver's own terms.
+
+        ``query_timeout`` is asyncpg's ``command_timeout`` (the client cancels the query); with psycopg, the session's
+        ``statement_timeout`` (the server cancels it); with aiomysql, MariaDB's ``max_statement_time`` (MySQL's
+        ``max_execution_time``, SELECTs only) set on each new connection; with aiosqlite, sqlite3's ``timeout``, the
+        wait for a lock (SQLite has no query timeout). Any other driver is a :class:`ConfigError` naming it.
 
         With ``pgbouncer="transaction"``: PgBouncer in transaction mode hands each transaction to any server
         connection, but a prepared statement lives on the one server connection that prepared it. So asyncpg's
@@ -207,12 +220,42 @@ class PoolSettings:
         from sqlalchemy.ext.asyncio import create_async_engine
 
         target = self.async_url() if url is None else make_url(url)
-        connect_args = {"command_timeout": self.query_timeout or None, **kwargs.pop("connect_args", {})}
-        if self.pgbouncer == "transaction":
+        variable = "ASYNC_DATABASE_URL" if url is None and self.async_database_url else "DATABASE_URL"
+        variable = "url" if url is not None else variable
+        if target.drivername not in SUPPORTED:
+            raise ConfigError(
+                f"{variable}={mask_url(target)!r} uses the driver {target.drivername!r}, which asgi_dbpool does not "
+                f"support; use one of {list(SUPPORTED)}."
+            )
+        if target.get_backend_name() == "sqlite" and target.database in (None, "", ":memory:"):
+            raise ConfigError(
+                f"{variable}={mask_url(target)!r} is an in-memory SQLite database, which lives in one connection and "
+                "has no pool to size; use a file: sqlite+aiosqlite:///path/app.db."
+            )
+        if self.pgbouncer in ("session", "transaction") and target.get_backend_name() != "postgresql":
+            raise ConfigError(
+                f"pgbouncer={self.pgbouncer!r} (DB_PGBOUNCER) is for PostgreSQL, but the engine's URL is "
+                f"{mask_url(target)!r}; unset it."
+            )
+        connect_args: dict[str, Any] = dict(kwargs.pop("connect_args", {}))
+        pgbouncer = self.pgbouncer in ("session", "transaction")
+        if not query_timeout_options(target, self.query_timeout, connect_args, pgbouncer):
+            logger.warning(
+                "DB_QUERY_TIMEOUT=%g is not applied: psycopg can only set statement_timeout as a startup option, "
+                "which PgBouncer refuses; set it on the server for the role instead: ALTER ROLE ... SET "
+                "statement_timeout = '%gs'",
+                self.query_timeout,
+                self.query_timeout,
+            )
+        if self.pgbouncer == "transaction" and target.get_driver_name() == "asyncpg":
             target = target.update_query_dict({"prepared_statement_cache_size": "0"})
             connect_args.setdefault("statement_cache_size", 0)
             connect_args.setdefault("prepared_statement_name_func", _unique_statement_name)
+        elif self.pgbouncer == "transaction":
+            connect_args.setdefault("prepare_threshold", None)  # psycopg's server-side prepared statements: off
         engine = create_async_engine(target, **{**self.engine_options(), "connect_args": connect_args, **kwargs})
+        if target.get_backend_name() == "mysql":
+            mysql_query_timeout(engine.sync_engine, self.query_timeout)
         if self.pgbouncer is not None:
             from ._registry import PGBOUNCER_MODES
 

@@ -15,6 +15,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from ._acquire import Acquisition, PoolClosedError, PoolOverloadedError
 from ._checkout import Checkout, checkout_site, checkout_stack, current_request, on_session_commit
+from ._dialects import abort_if_closing, wait_closed
 from ._histogram import Histogram
 from ._pool import track
 from ._records import fields
@@ -243,7 +244,7 @@ class PoolTracker:
         if self.async_engine is None:
             return 0
         drivers = [entry.driver_connection for entry in list(self._entries)]
-        outcomes = await asyncio.gather(*(_close_driver(d, seconds) for d in drivers if d is not None))
+        outcomes = await asyncio.gather(*(wait_closed(d, seconds) for d in drivers if d is not None))
         return outcomes.count(False)
 
     def abort_closing(self) -> None:
@@ -252,8 +253,8 @@ class PoolTracker:
         cancelled mid-flight) waits 2 s for it; a database that answers closes one in milliseconds."""
         for entry in list(self._entries):
             driver = entry.driver_connection
-            if driver is not None and hasattr(driver, "terminate") and driver.is_closed():
-                driver.terminate()  # a no-op once the close has finished
+            if driver is not None:
+                abort_if_closing(driver)
 
     def refuse_checkouts(self) -> None:
         """From now on every checkout fails at once with :class:`PoolClosedError` (until :meth:`reopen`)."""
@@ -269,16 +270,3 @@ class PoolTracker:
 
     def reopen(self) -> None:
         self.acquisition.reopen()
-
-
-async def _close_driver(connection: Any, seconds: float) -> bool:
-    """Close one driver connection gracefully within ``seconds``; False when it had to be aborted."""
-    if connection.is_closed():
-        return True
-    try:
-        async with asyncio.timeout(seconds):
-            await connection.close(timeout=seconds)  # asyncpg aborts the socket itself on its own timeout
-        return True
-    except Exception:  # timed out, or the server or the driver failed the close: the socket goes either way
-        connection.terminate()
-        return False

@@ -16,6 +16,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from demo_app.embedded import EmbeddedPostgres
+from tests.mariadb import MariaDB
 
 _counter = itertools.count()
 
@@ -62,6 +63,14 @@ def unclean_disconnects(application_names: list[str]) -> list[str]:
     tags = tuple(f"app={name} " for name in application_names)
     lines = SERVER_LOG.read_text(errors="replace").splitlines()
     return [line for line in lines if any(t in line for t in tags) and any(u in line for u in UNCLEAN_DISCONNECT)]
+
+
+def disconnections(application_name: str) -> int:
+    """Disconnections of this client the embedded server logged (clean or not)."""
+    if SERVER_LOG is None or not SERVER_LOG.exists():
+        return 0
+    lines = SERVER_LOG.read_text(errors="replace").splitlines()
+    return sum(f"app={application_name} " in line and "disconnection:" in line for line in lines)
 
 
 def asyncpg_dsn(url: str) -> str:
@@ -120,3 +129,86 @@ async def make_engine(database_url: str) -> AsyncIterator[Callable[..., AsyncEng
         await engine.dispose()
     assert left == dict.fromkeys(left, 0), f"backends left after the test: {left}"
     assert unclean_disconnects(list(left)) == []
+
+
+# -- the other drivers: psycopg 3 on the same PostgreSQL, aiomysql on a real MariaDB, aiosqlite on a file ----------
+
+#: Every async driver asgi_dbpool supports; tests parametrized over ``driver`` run against each.
+DRIVERS = ("asyncpg", "psycopg", "aiomysql", "aiosqlite")
+
+
+@pytest.fixture(scope="session")
+def mariadb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MariaDB]:
+    """One real MariaDB for the session (started on first use only)."""
+    server = MariaDB(tmp_path_factory.mktemp("mariadb"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def url_for(driver: str, request: pytest.FixtureRequest, directory: Path) -> str:
+    """A URL of a live database for ``driver``; MariaDB is started only when a MariaDB test asks for it."""
+    if driver in ("asyncpg", "psycopg"):
+        url = make_url(request.getfixturevalue("database_url")).set(drivername=f"postgresql+{driver}")
+        return url.render_as_string(hide_password=False)
+    if driver == "aiomysql":
+        server: MariaDB = request.getfixturevalue("mariadb")
+        return server.url(driver)
+    return f"sqlite+aiosqlite:///{directory / 'app.db'}"
+
+
+class DriverEngines:
+    """Makes engines for one driver and checks, after the test, that each left nothing on the server: no session
+    (PostgreSQL's ``pg_stat_activity`` by application_name; MariaDB's processlist) and no unclean goodbye
+    (PostgreSQL's log; MariaDB's ``Aborted_clients`` / ``Aborted_connects`` and its error log)."""
+
+    def __init__(self, driver: str, url: str, server: MariaDB | None) -> None:
+        self.driver, self.url, self.server = driver, url, server
+        self.names: list[str] = []
+        self.made: list[AsyncEngine] = []
+        self.aborted = server.aborted() if server else {}
+        self.log_offset = len(server.log_text()) if server else 0
+
+    def __call__(self, **kwargs: Any) -> AsyncEngine:
+        connect_args = dict(kwargs.pop("connect_args", {}))
+        name = f"t{os.getpid()}_{next(_counter)}"
+        if self.driver == "asyncpg":
+            connect_args["server_settings"] = {"application_name": name}
+        elif self.driver == "psycopg":
+            connect_args["application_name"] = name
+        self.names.append(name)
+        engine = create_async_engine(self.url, connect_args=connect_args, **kwargs)
+        self.made.append(engine)
+        return engine
+
+    async def check(self) -> None:
+        if self.driver in ("asyncpg", "psycopg"):
+            left = {name: await wait_for_no_backends(self.url, name) for name in self.names}
+            assert left == dict.fromkeys(left, 0), f"backends left after the test: {left}"
+            assert unclean_disconnects(self.names) == []
+        elif self.server is not None:
+            assert await asyncio.to_thread(self.server.wait_for_no_connections) == 0
+            assert await asyncio.to_thread(self.server.aborted) == self.aborted
+            assert self.server.aborted_lines(self.log_offset) == []
+
+
+@pytest.fixture(params=DRIVERS)
+def driver(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def driver_url(driver: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return url_for(driver, request, tmp_path)
+
+
+@pytest.fixture
+async def driver_engine(driver: str, driver_url: str, request: pytest.FixtureRequest) -> AsyncIterator[DriverEngines]:
+    """Engine factory for ``driver``; after the test nothing of them may be left on the server, nor end uncleanly."""
+    server = request.getfixturevalue("mariadb") if driver == "aiomysql" else None
+    factory = DriverEngines(driver, driver_url, server)
+    yield factory
+    for engine in factory.made:
+        await engine.dispose()
+    await factory.check()

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -18,8 +19,10 @@ from typing import Any
 import asyncpg
 import httpx
 import websockets
+from sqlalchemy.engine import make_url
 
 from tests.conftest import asyncpg_dsn, unclean_disconnects, wait_for_no_backends
+from tests.mariadb import MariaDB
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Signatures that must never appear in a wrapped server's output.
@@ -32,7 +35,9 @@ NOISE_MARKERS = (
     "Exception ignored in",
     "Exception in 'lifespan' protocol",
 )
-NOISY_LOGGERS = re.compile(r"^(WARNING|ERROR|CRITICAL) (sqlalchemy|asyncpg|asyncio|py\.warnings)\b", re.M)
+NOISY_LOGGERS = re.compile(
+    r"^(WARNING|ERROR|CRITICAL) (sqlalchemy|asyncpg|psycopg|aiomysql|aiosqlite|asyncio|py\.warnings)\b", re.M
+)
 
 
 def free_port() -> int:
@@ -114,6 +119,9 @@ class Run:
     database_url: str
     log_path: Path
     direct_url: str | None = None  # the PostgreSQL the checks read, when database_url is a PgBouncer's
+    mariadb: MariaDB | None = None  # the server behind a mysql+aiomysql database_url (its checks read it)
+    aborted_before: dict[str, int] = dataclasses.field(default_factory=dict)  # MariaDB's Aborted_* at start
+    log_offset: int = 0  # MariaDB's error log size at start
     name: str = dataclasses.field(default_factory=lambda: f"m_{uuid.uuid4().hex[:10]}")
     port: int = dataclasses.field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -128,10 +136,25 @@ class Run:
         return self.direct_url or self.database_url
 
     @property
+    def backend(self) -> str:
+        return make_url(self.database_url).get_backend_name()
+
+    @property
+    def sqlite_path(self) -> str:
+        return str(make_url(self.database_url).database)
+
+    def mark_server_side(self) -> None:
+        """Remember MariaDB's counters and log offset before the run (its checks are deltas)."""
+        if self.mariadb is not None:
+            self.aborted_before = self.mariadb.aborted()
+            self.log_offset = len(self.mariadb.log_text())
+
+    @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, graceful: float, extra_env: dict[str, str] | None = None) -> None:
+        self.mark_server_side()
         env = {
             **os.environ,
             "ASGI_DBPOOL_TEST_DATABASE_URL": self.database_url,
@@ -173,6 +196,17 @@ class Run:
         raise AssertionError(f"server did not come up:\n{self.output()}")
 
     async def active_sleeps(self) -> int:
+        """Requests sleeping in the database now (SQLite: holding their connection, as the app counts them)."""
+        if self.backend == "sqlite":
+            async with httpx.AsyncClient(base_url=self.base) as client:
+                return int((await client.get("/active")).json()["holding"])
+        if self.mariadb is not None:
+            rows = await asyncio.to_thread(
+                self.mariadb.admin,
+                "SELECT count(*) FROM information_schema.processlist WHERE info LIKE 'SELECT SLEEP(%' "
+                "AND info NOT LIKE '%0.02%'",
+            )
+            return int(rows[0][0])
         conn = await asyncpg.connect(asyncpg_dsn(self.check_url))
         try:
             return int(
@@ -209,6 +243,15 @@ class Run:
         return found + [m.group(0) for m in NOISY_LOGGERS.finditer(text)]
 
     async def stored(self) -> dict[str, int]:
+        if self.backend == "sqlite":
+            with contextlib.closing(sqlite3.connect(self.sqlite_path)) as db:
+                rows = db.execute("SELECT token, id FROM matrix_writes WHERE run = ?", (self.name,)).fetchall()
+            return {token: int(id_) for token, id_ in rows}
+        if self.mariadb is not None:
+            found = await asyncio.to_thread(
+                self.mariadb.admin, f"SELECT token, id FROM app.matrix_writes WHERE run = '{self.name}'"
+            )
+            return {token: int(id_) for token, id_ in found}
         conn = await asyncpg.connect(asyncpg_dsn(self.check_url))
         try:
             rows = await conn.fetch("SELECT token, id FROM matrix_writes WHERE run = $1", self.name)
@@ -217,9 +260,24 @@ class Run:
             await conn.close()
 
     async def backends_left(self) -> int:
+        if self.backend == "sqlite":
+            return 0  # no server: what SQLite can tell is in unclean() (a hot journal)
+        if self.mariadb is not None:
+            return await asyncio.to_thread(self.mariadb.wait_for_no_connections)
         return await wait_for_no_backends(self.check_url, self.name)
 
     def unclean(self) -> list[str]:
+        """What the database saw end uncleanly: PostgreSQL's log lines; MariaDB's Aborted_* counter growth and
+        its error-log lines; for SQLite a hot journal (a transaction the process left unfinished) or a damaged file."""
+        if self.backend == "sqlite":
+            found = [f"hot journal {p}" for p in (self.sqlite_path + "-journal",) if Path(p).exists()]
+            with contextlib.closing(sqlite3.connect(self.sqlite_path)) as db:
+                check = db.execute("PRAGMA integrity_check").fetchone()[0]
+            return found + ([] if check == "ok" else [f"integrity_check: {check}"])
+        if self.mariadb is not None:
+            now = self.mariadb.aborted()
+            grown = [f"{k} +{now[k] - self.aborted_before[k]}" for k in now if now[k] != self.aborted_before[k]]
+            return grown + self.mariadb.aborted_lines(self.log_offset)
         return unclean_disconnects([self.name])
 
 

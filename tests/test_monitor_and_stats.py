@@ -109,9 +109,11 @@ async def test_the_middleware_rejects_a_bad_monitor_interval(make_engine: Callab
         DBPoolMiddleware(Starlette(), make_engine(), monitor_interval=0)
 
 
-async def test_stats_endpoint_reports_the_pool(make_engine: Callable[..., AsyncEngine], database_url: str) -> None:
-    engine = make_engine(pool_size=4, max_overflow=3)
-    other = make_engine(pool_size=2, max_overflow=0)
+async def test_stats_endpoint_reports_the_pool(
+    driver_engine: Callable[..., AsyncEngine], driver: str, driver_url: str
+) -> None:
+    engine = driver_engine(pool_size=4, max_overflow=3)
+    other = driver_engine(pool_size=2, max_overflow=0)
     app = DBPoolMiddleware(Starlette(), {"main": engine, "reports": other})
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
@@ -135,7 +137,7 @@ async def test_stats_endpoint_reports_the_pool(make_engine: Callable[..., AsyncE
                 "invalid": 0,
             }
             text_body = json.dumps(body)
-            for secret in ("postgres", "host", "asyncpg", "/tmp", database_url):
+            for secret in ("postgres", "mysql", "sqlite", "host", driver, "/tmp", driver_url):
                 assert secret not in text_body
             slash = await client.get(PATH + "/")
             assert slash.status_code == 200

@@ -43,8 +43,8 @@ async def serving(app: Any) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
-async def test_metrics_count_waits_timeouts_uses_and_creations(make_engine: Callable[..., AsyncEngine]) -> None:
-    engine = make_engine(pool_size=2, max_overflow=0, pool_timeout=0.2)
+async def test_metrics_count_waits_timeouts_uses_and_creations(driver_engine: Callable[..., AsyncEngine]) -> None:
+    engine = driver_engine(pool_size=2, max_overflow=0, pool_timeout=0.2)
     app = DBPoolMiddleware(Starlette(), {"main": engine})
     async with serving(app) as client:  # startup: one connection created, used once
         async with engine.connect() as a, engine.connect() as b:
@@ -96,9 +96,9 @@ async def test_invalidations_show_in_metrics(make_engine: Callable[..., AsyncEng
 
 
 async def test_leak_detection_warns_with_the_stack_and_reports_the_return(
-    make_engine: Callable[..., AsyncEngine], caplog: pytest.LogCaptureFixture
+    driver_engine: Callable[..., AsyncEngine], caplog: pytest.LogCaptureFixture
 ) -> None:
-    engine = make_engine()
+    engine = driver_engine()
     app = DBPoolMiddleware(Starlette(), engine, leak_threshold=0.1)
     caplog.set_level(logging.INFO, logger="asgi_dbpool")
 

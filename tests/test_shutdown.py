@@ -245,7 +245,7 @@ async def test_leaked_sessions_are_reclaimed_and_gc_is_silent(
         warnings.simplefilter("always")
         leaked.clear()
         gc.collect()
-    assert caught == []
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
     assert [r for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("sqlalchemy")] == []
 
 

@@ -1,7 +1,8 @@
 """The report's reproduction, run in a fresh process: a real server inside ``asyncio.run``, leaked sessions,
 an app background task that is never cancelled, and ``gc.collect()`` after the loop closed.
 
-Usage: ``python -m tests.apps.repro {uvicorn|hypercorn} {on|off}`` with ``ASGI_DBPOOL_TEST_DATABASE_URL`` set.
+Usage: ``python -m tests.apps.repro {uvicorn|hypercorn} {on|off}`` with ``ASGI_DBPOOL_TEST_DATABASE_URL`` set (any
+supported driver; PostgreSQL sessions are named by ``ASGI_DBPOOL_REPRO_NAME``, default ``repro``).
 Prints one JSON line: ``{"noise": [...], "served": n, "events": [...]}``.
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 import httpx
 import websockets
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -29,7 +31,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-NOISY = ("sqlalchemy", "asyncpg", "asyncio", "py.warnings")
+NOISY = ("sqlalchemy", "asyncpg", "psycopg", "aiomysql", "asyncmy", "aiosqlite", "asyncio", "py.warnings")
 noise: list[str] = []
 events: list[str] = []
 shutdown_began = False
@@ -51,17 +53,29 @@ def unraisable(args: Any) -> None:
     noise.append(f"unraisable {args.exc_type.__name__}: {args.exc_value} in {args.object!r}")
 
 
+def driver_options(url: str) -> tuple[dict[str, Any], str]:
+    """Connect arguments naming the session (where the server keeps a name) and a short sleeping query."""
+    name = os.environ.get("ASGI_DBPOOL_REPRO_NAME", "repro")
+    driver = make_url(url).get_driver_name()
+    if driver == "asyncpg":
+        return {"server_settings": {"application_name": name}}, "SELECT pg_sleep(0.02)"
+    if driver == "psycopg":
+        return {"application_name": name}, "SELECT pg_sleep(0.02)"
+    if make_url(url).get_backend_name() == "mysql":
+        return {}, "SELECT SLEEP(0.02)"
+    return {}, "SELECT 1"  # SQLite: no sleep function; the poller's own sleep paces it
+
+
 def build_app(url: str, wrap: bool) -> Any:
-    engine = create_async_engine(
-        url, pool_size=5, max_overflow=5, connect_args={"server_settings": {"application_name": "repro"}}
-    )
+    connect_args, sleep = driver_options(url)
+    engine = create_async_engine(url, pool_size=5, max_overflow=5, connect_args=connect_args)
     maker = async_sessionmaker(engine, expire_on_commit=False)
     leaked: list[AsyncSession] = []
 
     async def poller() -> None:  # an app background task that is never cancelled
         while True:
             async with maker() as session:
-                await session.execute(text("SELECT pg_sleep(0.02)"))
+                await session.execute(text(sleep))
             await asyncio.sleep(0.01)
 
     @contextlib.asynccontextmanager
