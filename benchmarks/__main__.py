@@ -283,7 +283,7 @@ def uvicorn_process(
         stderr=subprocess.PIPE,
     )
     try:
-        for _ in range(400):
+        for _ in range(1200):  # up to 30 s: a loaded machine imports slowly
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
                 break
             time.sleep(0.025)
@@ -435,41 +435,47 @@ def main(argv: list[str] | None = None) -> int:
         f"# Benchmark results\n\nMachine: {environment()}.\n"
         f"Mode: {'smoke (not a measurement)' if args.smoke else f'{rounds} interleaved rounds'}.\n"
     ]
+    print(sections[0], flush=True)
+
+    def add(section: str) -> None:
+        """Keep a section and print it at once: a later failure does not lose what was measured."""
+        sections.append(section)
+        print(section + "\n", flush=True)
+
     with database() as url:
         if "instructions" in chosen:
-            sections.append(
+            add(
                 "## Instructions per operation (valgrind's callgrind; repeatable, whatever else runs)\n\n"
                 + bench_instructions(url, smoke=args.smoke)
             )
         if "inprocess" in chosen:
-            sections.append(
+            add(
                 "## Per-request overhead, in process (trivial Starlette endpoint)\n\n"
                 + asyncio.run(bench_inprocess(url, rounds, n))
             )
         if "inprocess-db" in chosen:
-            sections.append(
+            add(
                 "## Per-request overhead, in process, one `SELECT 1` through a session per request\n\n"
                 + asyncio.run(bench_inprocess_db(url, rounds, max(n // 10, 20)))
             )
         if "checkout" in chosen:
-            sections.append("## Pool checkout/checkin loop\n\n" + asyncio.run(bench_checkout(url, rounds, n)))
+            add("## Pool checkout/checkin loop\n\n" + asyncio.run(bench_checkout(url, rounds, n)))
         if "e2e" in chosen:
-            sections.append(
+            add(
                 "## End to end: wrk against uvicorn, one `SELECT 1` per request, 32 keep-alive connections\n\n"
                 + bench_end_to_end(url, rounds, seconds)
             )
         if "shutdown" in chosen:
-            sections.append(
+            add(
                 "## Shutdown latency: pool warmed to 30 + 40 connections, SIGTERM → exit\n\n"
                 + bench_shutdown(url, max(rounds // 2, 1))
             )
         if "overload" in chosen:
-            sections.append(
+            add(
                 "## Overload: 16 clients on a pool of 4 (no overflow), 50 ms per request\n\n"
                 + bench_overload(url, max(rounds // 2, 1), seconds)
             )
     text = "\n\n".join(sections) + "\n"
-    print(text)
     if not args.smoke:
         args.output.write_text(text)
     return 0

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -203,10 +204,13 @@ def bench_instructions(url: str, workloads: list[str] | None = None, smoke: bool
         return "Smoke run: every workload ran natively; no instruction was counted."
     if shutil.which("valgrind") is None:
         return "valgrind is not installed (Debian: `apt-get install valgrind`); skipped."
+    jobs = [(workload, variant) for workload in chosen for variant in WORKLOADS[workload][0]]
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # counts do not depend on what else runs
+        measured = dict(zip(jobs, pool.map(lambda job: per_operation(*job, url), jobs), strict=True))
     rows = []
     for workload in chosen:
         variants, what = WORKLOADS[workload]
-        costs = {variant: per_operation(workload, variant, url) for variant in variants}
+        costs = {variant: measured[workload, variant] for variant in variants}
         base = costs[variants[0]]
         for variant in variants:
             target = TARGETS.get((workload, variant))
