@@ -62,7 +62,8 @@ class Acquisition:
             self._on_exhausted()
             raise PoolOverloadedError(
                 f"engine {self.name!r}: {self.pending} tasks already wait for a connection "
-                f"(max_pending={self.max_pending}); failing at once instead of waiting {pool._timeout:g}s"
+                f"(max_pending={self.max_pending}); failing at once instead of waiting "
+                f"{getattr(pool, '_timeout', 0):g}s"
             )
 
     def timed_out(self) -> None:

@@ -168,28 +168,38 @@ class Lifecycle:
             return ("not running", "")
         clock = ShutdownClock(self.options.shutdown_timeout)
         self._enter_shutdown()  # 1. the flag first
-        logger.info("shutdown flag set (budget %.1fs)", clock.seconds, extra=fields("flag", budget=clock.seconds))
-        await self._close_websockets(clock)  # 2.
-        await self._drain_requests(clock)  # 3.
-        stopped = await clock.cancel_and_wait(  # 4.
-            [*self._own_tasks(), *self.tasks], "the monitor and registered tasks", clock.app_deadline
-        )
-        registered = max(stopped - len(self._own_tasks()), 0)
-        logger.info("monitor and %d registered task(s) stopped", registered, extra=fields("tasks", stopped=registered))
-        answer: tuple[Outcome, str] = ("not running", "")
-        if self.inner is not None:  # 5. the wrapped app's own shutdown (it may still use the database)
-            answer = await self.inner.stop(clock.left(clock.app_deadline))
-            if answer[0] == "timeout":
-                logger.warning("%s; it was cancelled", answer[1])
-        await close_engines(self.all_trackers, clock)  # 6-7. refuse checkouts, reclaim, dispose
-        logger.info("shutdown finished in %.3fs", clock.elapsed(), extra=fields("finished", seconds=clock.elapsed()))
-        self._stopped()
+        try:
+            logger.info("shutdown flag set (budget %.1fs)", clock.seconds, extra=fields("flag", budget=clock.seconds))
+            await self._close_websockets(clock)  # 2.
+            await self._drain_requests(clock)  # 3.
+            stopped = await clock.cancel_and_wait(  # 4.
+                [*self._own_tasks(), *self.tasks], "the monitor and registered tasks", clock.app_deadline
+            )
+            registered = max(stopped - len(self._own_tasks()), 0)
+            logger.info(
+                "monitor and %d registered task(s) stopped", registered, extra=fields("tasks", stopped=registered)
+            )
+            answer: tuple[Outcome, str] = ("not running", "")
+            if self.inner is not None:  # 5. the wrapped app's own shutdown (it may still use the database)
+                answer = await self.inner.stop(clock.left(clock.app_deadline))
+                if answer[0] == "timeout":
+                    logger.warning("%s; it was cancelled", answer[1])
+            await close_engines(self.all_trackers, clock)  # 6-7. refuse checkouts, reclaim, dispose
+            logger.info(
+                "shutdown finished in %.3fs", clock.elapsed(), extra=fields("finished", seconds=clock.elapsed())
+            )
+            self._stopped()
+        finally:  # whatever failed on the way, a SIGTERM held meanwhile still ends the process
+            self.termination.release()
         return answer
 
     async def abort(self) -> None:
         """The server cancelled the lifespan (a forced exit, or a stop during startup): close everything now,
         within ``min(shutdown_timeout, FORCE_EXIT_BUDGET)``."""
         if self.state == "stopped":  # a startup stopped by a signal closed everything already
+            return
+        if self.terminating is not None:  # a SIGTERM's shutdown is under way: it closes everything
+            await asyncio.shield(self.terminating)
             return
         clock = ShutdownClock(min(self.options.shutdown_timeout, FORCE_EXIT_BUDGET))
         self._enter_shutdown()
@@ -294,13 +304,16 @@ class Lifecycle:
 
     async def _stop_everything(self, clock: ShutdownClock, level: int) -> None:
         """The forced paths' end: the app's lifespan, the monitor and registered tasks, every engine."""
-        if self.inner is not None and self.inner.task is not None:
-            await clock.cancel_and_wait([self.inner.task], "the wrapped app's lifespan", clock.drain_deadline)
-        await clock.cancel_and_wait(
-            [*self._own_tasks(), *self.tasks], "the monitor and registered tasks", clock.app_deadline
-        )
-        await close_engines(self.all_trackers, clock, level)
-        self._stopped()
+        try:
+            if self.inner is not None and self.inner.task is not None:
+                await clock.cancel_and_wait([self.inner.task], "the wrapped app's lifespan", clock.drain_deadline)
+            await clock.cancel_and_wait(
+                [*self._own_tasks(), *self.tasks], "the monitor and registered tasks", clock.app_deadline
+            )
+            await close_engines(self.all_trackers, clock, level)
+            self._stopped()
+        finally:  # whatever failed on the way, a SIGTERM held meanwhile still ends the process
+            self.termination.release()
 
     def _own_tasks(self) -> list[asyncio.Task[Any]]:
         return [task for task in (self.monitor_task, self.leak_task) if task is not None]

@@ -23,7 +23,11 @@ def tracker_for(engine: Engine | AsyncEngine, name: str) -> PoolTracker:
     sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
     tracker = _registry.get(sync_engine)
     if tracker is None:
-        tracker = _registry[sync_engine] = PoolTracker(engine, name)
+        # An engine sharing a tracked pool (engine.execution_options(...)) shares its tracker: the pool reports to one.
+        tracker = getattr(type(sync_engine.pool), "asgi_dbpool_tracker", None)
+        if tracker is None:
+            tracker = PoolTracker(engine, name)
+        _registry[sync_engine] = tracker
     elif tracker.async_engine is None and isinstance(engine, AsyncEngine):
         tracker.async_engine = engine
     return tracker

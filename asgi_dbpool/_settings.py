@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("asgi_dbpool")
 
 
+#: Sync PostgreSQL drivers on libpq, which take ``-c statement_timeout=...`` in the ``options`` connect argument.
+LIBPQ = ("psycopg2", "psycopg")
+
+
 def _unique_statement_name() -> str:
     return f"__asyncpg_{uuid.uuid4().hex}__"
 
@@ -272,9 +276,9 @@ class PoolSettings:
         target = make_url(raw)
         if target.drivername == "postgres":  # Heroku-style alias SQLAlchemy no longer accepts
             target = target.set(drivername="postgresql")
-        if target.drivername in ASYNC_DRIVERS - {"postgresql", "postgres"}:
+        if target.drivername in ASYNC_DRIVERS - SYNC_DRIVERS:
             raise ConfigError(f"DATABASE_URL={mask_url(target)!r} names an async driver; use postgresql+psycopg2://...")
         connect_args: dict[str, Any] = dict(kwargs.pop("connect_args", {}))
-        if self.query_timeout and target.get_backend_name() == "postgresql" and target.get_driver_name() == "psycopg2":
+        if self.query_timeout and target.get_backend_name() == "postgresql" and target.get_driver_name() in LIBPQ:
             connect_args.setdefault("options", f"-c statement_timeout={int(self.query_timeout * 1000)}")
         return create_engine(target, **{**self.engine_options(), "connect_args": connect_args, **kwargs})

@@ -171,7 +171,7 @@ async def _settle(trackers: Sequence[PoolTracker], holders: set[asyncio.Task[Any
     """
     loop = asyncio.get_running_loop()
     until = min(loop.time() + CONNECTION_CLOSE_TIMEOUT, clock.deadline)
-    while loop.time() < until and any(c.owner in holders for t in trackers for c in list(t.checkouts.values())):  # noqa: ASYNC110 - checkins arrive as pool events; a short poll, bounded
+    while loop.time() < until and any(c.owner in holders for t in trackers for c in list(t.checkouts.values())):  # noqa: ASYNC110 - checkins arrive from the pool; a short poll, bounded
         await asyncio.sleep(0.005)
 
 

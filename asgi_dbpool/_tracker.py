@@ -138,7 +138,7 @@ class PoolTracker:
     def exhausted(self) -> None:
         """A checkout timed out or was refused: mark the request (its error becomes a 503), warn once."""
         request = current_request.get()
-        if request is not None:
+        if request is not None and not request.done:
             request.exhausted = self
         if not self.overloaded:
             self.overloaded = True

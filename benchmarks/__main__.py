@@ -30,7 +30,7 @@ from sqlalchemy.engine import make_url
 
 from demo_app.embedded import EmbeddedPostgres
 
-from .instructions import bench_instructions
+from .instructions import bench_instructions, discard, http_receive, http_scope
 from .stats import Series, table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,39 +57,13 @@ async def interleave(variants: dict[str, Rate], rounds: int, baseline: str) -> S
     return series
 
 
-def http_scope(path: str) -> dict[str, Any]:
-    """A GET scope as a server would pass it (the benchmarks call apps directly, without a server)."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"bench")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-        "scheme": "http",
-    }
-
-
-async def _http_receive() -> dict[str, Any]:
-    return {"type": "http.request", "body": b"", "more_body": False}
-
-
-async def _discard(message: Any) -> None:
-    return None
-
-
 def http_rate(app: Any, state: dict[str, Any], scope: dict[str, Any], n: int) -> Rate:
     """Requests per second of ``n`` direct ASGI calls, each with a fresh copy of the lifespan state."""
 
     async def run() -> float:
         started = time.perf_counter()
         for _ in range(n):
-            await app({**scope, "state": dict(state)}, _http_receive, _discard)
+            await app({**scope, "state": dict(state)}, http_receive, discard)
         return n / (time.perf_counter() - started)
 
     return run
@@ -153,7 +127,7 @@ async def bench_inprocess(url: str, rounds: int, n: int) -> str:
             started = time.perf_counter()
             for _ in range(n // 4):
                 messages = iter([{"type": "websocket.connect"}, {"type": "websocket.disconnect", "code": 1000}])
-                await app({**ws_scope, "state": dict(state)}, _receiver(messages), _discard)
+                await app({**ws_scope, "state": dict(state)}, _receiver(messages), discard)
             return (n // 4) / (time.perf_counter() - started)
 
         return run

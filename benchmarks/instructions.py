@@ -49,7 +49,8 @@ TARGETS = {
 
 
 # -- the child: one workload, one variant, N operations ----------------------------------------------------
-def _scope(path: str) -> dict[str, Any]:
+def http_scope(path: str) -> dict[str, Any]:
+    """A GET scope as a server would pass it (the benchmarks call apps directly, without a server)."""
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -66,11 +67,11 @@ def _scope(path: str) -> dict[str, Any]:
     }
 
 
-async def _receive() -> dict[str, Any]:
+async def http_receive() -> dict[str, Any]:
     return {"type": "http.request", "body": b"", "more_body": False}
 
 
-async def _discard(message: Any) -> None:
+async def discard(message: Any) -> None:
     return None
 
 
@@ -89,12 +90,12 @@ async def _served(app: Any) -> AsyncIterator[Callable[[], Awaitable[None]]]:
     """The app after its lifespan startup, as one request: a GET / with a fresh copy of the lifespan state."""
     from asgi_lifespan import LifespanManager
 
-    scope = _scope("/")
+    scope = http_scope("/")
     async with LifespanManager(app) as manager:
         state = manager._state
 
         async def request() -> None:
-            await app({**scope, "state": dict(state)}, _receive, _discard)
+            await app({**scope, "state": dict(state)}, http_receive, discard)
 
         yield request
 

@@ -324,3 +324,20 @@ async def test_advise_cli_reads_a_running_app(database_url: str, tmp_path: Any) 
     assert "DB_MAX_OVERFLOW: 10 -> 20  (rule of thumb: 1-2 x DB_POOL_SIZE = 20-40)" in proc.stdout
     assert missing.returncode == 1
     assert missing.stderr.startswith(f"asgi_dbpool: could not read {run.base}/nowhere/advice: HTTP Error 404")
+
+
+async def test_an_engine_sharing_a_tracked_pool_shares_its_tracker(make_engine: Callable[..., AsyncEngine]) -> None:
+    """``engine.execution_options(...)`` shares the engine's pool: its checkouts are the pool's, seen by one tracker
+    (the pool reports to the tracker it was given; a second tracker would see nothing)."""
+    from asgi_dbpool._registry import tracker_for
+
+    engine = make_engine()
+    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+    tracker = tracker_for(engine, "default")
+    assert tracker_for(autocommit, "autocommit") is tracker
+    async with autocommit.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+        assert len(tracker.checkouts) == 1
+    assert tracker.checkouts == {}
+    assert tracker.checkouts_total == 1
+    await engine.dispose()  # the test's engines must leave no backend (one pool: both are closed)

@@ -211,11 +211,13 @@ async def test_create_async_engine_uses_the_settings(database_url: str) -> None:
         await engine.dispose()
 
 
-def test_create_sync_engine_uses_database_url(database_url: str) -> None:
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_create_sync_engine_uses_database_url(database_url: str, driver: str) -> None:
+    """psycopg 3 is a sync driver too (and an async one): both build the legacy engine, with the query timeout."""
     from sqlalchemy import text
 
     s = PoolSettings.from_env(
-        {"DATABASE_URL": database_url.replace("+asyncpg", "+psycopg2"), "DB_QUERY_TIMEOUT": "1.5"}
+        {"DATABASE_URL": database_url.replace("+asyncpg", f"+{driver}"), "DB_QUERY_TIMEOUT": "1.5"}
     )
     engine = s.create_sync_engine()
     try:
