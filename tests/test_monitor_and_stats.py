@@ -22,7 +22,7 @@ from starlette.routing import Route
 from asgi_dbpool import DBPoolMiddleware, PoolStatsApp
 from asgi_dbpool._monitor import PoolMonitor
 from asgi_dbpool._registry import tracker_for
-from tests.conftest import asyncpg_dsn
+from tests.conftest import asyncpg_dsn, wait_for_no_backends
 
 pytestmark = pytest.mark.anyio
 PATH = "/api/system/database/pool"
@@ -159,6 +159,10 @@ async def test_invalid_counts_invalidations(make_engine: Callable[..., AsyncEngi
         assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid) is True
     finally:
         await admin.close()
+    # The backend is gone and the client has read its goodbye (a pre-ping racing the server's FATAL message meets
+    # asyncpg mid-message: "another operation is in progress", not a disconnect; seen once in the lowest column).
+    assert await wait_for_no_backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
+    await asyncio.sleep(0.1)
     async with engine.connect() as conn:  # pre-ping finds the dead connection and replaces it
         assert (await conn.execute(text("SELECT 5"))).scalar_one() == 5
     assert stats.figures()["invalid"] == 1
