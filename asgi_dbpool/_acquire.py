@@ -35,14 +35,36 @@ class Acquisition:
 
     def __init__(self, name: str, on_exhausted: Callable[[], None]) -> None:
         self.name = name
-        self.closed = False  # shutdown refuses every checkout from here on (until reopen)
-        self.max_pending: int | None = None  # fail fast beyond this many waiting tasks; set by the middleware
+        self._closed = False
+        self._max_pending: int | None = None
+        #: ``closed or max_pending is not None``: the one test a checkout makes before :meth:`ask`.
+        self.guarded = False
         self.pending = 0  # tasks waiting for a connection now
         self.timeouts = 0  # checkouts that waited pool_timeout in vain
         self.rejected = 0  # checkouts refused at once by max_pending
         self.wait = Histogram()
         self.acquiring: set[asyncio.Task[Any]] = set()  # tasks waiting in the pool's queue for a record
         self._on_exhausted = on_exhausted
+
+    @property
+    def closed(self) -> bool:
+        """Shutdown refuses every checkout from here on (until :meth:`reopen`)."""
+        return self._closed
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        self._closed = value
+        self.guarded = value or self._max_pending is not None
+
+    @property
+    def max_pending(self) -> int | None:
+        """Fail fast beyond this many waiting tasks (set by the middleware)."""
+        return self._max_pending
+
+    @max_pending.setter
+    def max_pending(self, value: int | None) -> None:
+        self._max_pending = value
+        self.guarded = self._closed or value is not None
 
     def refusal(self) -> PoolClosedError:
         return PoolClosedError(

@@ -9,7 +9,7 @@ from contextvars import ContextVar
 from types import CodeType, FrameType
 from typing import TYPE_CHECKING, Any
 
-import greenlet
+from greenlet import getcurrent
 from sqlalchemy.orm import Session
 
 from ._records import fields
@@ -44,32 +44,21 @@ class InFlight:
     an ORM commit (then a request cut off by the server may have saved its changes), the pool that could not
     give it a connection (then its error becomes a 503), and the connections it holds.
 
-    Made for every request, so it is kept to a few stores; :meth:`send` is the ``send`` the app is given.
+    Made for every request, so it is kept to three stores: the rest starts as class attributes (no
+    ``__slots__``: an instance reads a field it never wrote from its class), :meth:`send` is the app's ``send``.
     """
 
-    __slots__ = (
-        "answered",
-        "committed",
-        "done",
-        "exhausted",
-        "holding",
-        "responded",
-        "retry_after",
-        "scope",
-        "server_send",
-        "task",
-    )
+    done = committed = responded = answered = False  # responded: the whole response went out
+    holding = 0  # connections checked out for it right now
+    exhausted: Any = None  # the PoolTracker whose checkout timed out or was refused
+    # Its task, noted only when it ends still holding a connection (the one thing that needs it, a leak
+    # check, compares it with the holder's task): asking for the task on every request costs more.
+    task: asyncio.Task[Any] | None = None
 
     def __init__(self, scope: Any, server_send: Any, retry_after: int) -> None:
         self.scope = scope  # the app fills in its route as it routes
         self.server_send = server_send
         self.retry_after = retry_after
-        self.done = self.committed = self.responded = self.answered = False  # responded: the whole response went out
-        self.holding = 0  # connections checked out for it right now
-        self.exhausted: Any = None  # the PoolTracker whose checkout timed out or was refused
-        # Its task, noted only when it ends still holding a connection (the one thing that needs it, a leak
-        # check, compares it with the holder's task): asking for the task on every request costs more.
-        self.task: asyncio.Task[Any] | None = None
 
     def send(self, message: Any) -> Any:
         """The app's ``send``: notes the end of the response; after a pool timeout, the app's 500 becomes a 503."""
@@ -155,30 +144,41 @@ CALLER_REACH = 2
 #: A frame as a checkout records it: its code and the offset of its current instruction. The line number is
 #: worked out only when a report asks (``frame.f_lineno`` decodes the line table: the costliest part of a walk).
 Frame = tuple[CodeType, int]
+#: With leak detection on, how many user frames a checkout records for the report, and how far past the first
+#: one the walk goes (it stops at the step of the task in any case).
+STACK_FRAMES = 12
+STACK_REACH = 64
+
+
+#: The frame that runs one step of an asyncio task: above it lie the event loop's frames, never a caller.
+_TASK_STEP = asyncio.events.Handle._run.__code__
 
 
 def _user_frames(limit: int, reach: int) -> list[Frame]:
     """The caller's innermost frames outside SQLAlchemy/asyncpg/asyncio/the frameworks (up to ``limit``; past the
-    first, ``reach`` more frames are looked at), across greenlet boundaries.
+    first, ``reach`` more frames are looked at; never past the step of the task), across greenlet boundaries.
 
     With the asyncio engine the checkout runs in a greenlet spawned by SQLAlchemy whose frames are all
     SQLAlchemy's (or a ``run_sync`` callable's): the walk starts in the awaiting (parent) greenlet, a few
-    frames below the user's ``await``. Run on every checkout, so the loop is kept flat.
+    frames below the user's ``await``. Run on every checkout: each frame walked makes Python build a frame
+    object, so the loop is kept flat and stops as early as it can.
     """
-    glet: Any = greenlet.getcurrent()
-    if glet.parent is not None:
-        glet = glet.parent
-        frame: FrameType | None = glet.gr_frame
+    glet: Any = getcurrent()
+    parent = glet.parent
+    if parent is not None:
+        glet = parent
+        frame: FrameType | None = parent.gr_frame
     else:
-        frame = sys._getframe(2)
+        frame = sys._getframe(1)
     cache = _internal_cache
     found: list[Frame] = []
     left = -1  # frames still to look at once the first user frame is found
     while True:
         while frame is not None:
             code = frame.f_code
-            internal = cache.get(code.co_filename)
-            if internal is None:
+            try:
+                internal = cache[code.co_filename]
+            except KeyError:
                 internal = _is_internal(code.co_filename)
             if not internal:
                 found.append((code, frame.f_lasti))
@@ -186,6 +186,8 @@ def _user_frames(limit: int, reach: int) -> list[Frame]:
                     return found
                 if left < 0:
                     left = reach
+            elif code is _TASK_STEP:
+                return found
             if left == 0:
                 return found
             left -= 1
@@ -196,14 +198,14 @@ def _user_frames(limit: int, reach: int) -> list[Frame]:
         frame = glet.gr_frame
 
 
-def checkout_site() -> tuple[Frame, ...]:
-    """The user's frames of the checkout (up to :data:`SITE_FRAMES`), innermost first."""
-    return tuple(_user_frames(SITE_FRAMES, CALLER_REACH))
-
-
-def checkout_stack(limit: int = 12) -> tuple[Frame, ...]:
-    """The user's frames of the checkout, innermost first, up to ``limit`` (leak detection only)."""
-    return tuple(_user_frames(limit, 64))
+def checkout_frames(stack: bool) -> tuple[tuple[Frame, ...], tuple[Frame, ...] | None]:
+    """The checkout site (up to :data:`SITE_FRAMES` user frames, innermost first) and, with ``stack`` (leak
+    detection on), the stack (up to :data:`STACK_FRAMES`): then one walk gives both, the site being its first
+    frames."""
+    if not stack:
+        return tuple(_user_frames(SITE_FRAMES, CALLER_REACH)), None
+    frames = tuple(_user_frames(STACK_FRAMES, STACK_REACH))
+    return frames[:SITE_FRAMES], frames
 
 
 def line_of(code: CodeType, offset: int) -> int:
@@ -221,27 +223,28 @@ def current_task() -> asyncio.Task[Any] | None:
         return None
 
 
+#: What the pool notes per checkout, in the order of :class:`Checkout`'s fields: a plain tuple is the cheapest
+#: record to make (a class instance costs a Python ``__init__`` call); reports read it through ``Checkout``.
+Held = tuple[
+    "ConnectionPoolEntry",
+    "asyncio.Task[Any] | None",
+    tuple[Frame, ...],
+    "InFlight | None",
+    "tuple[Frame, ...] | None",
+    float,
+]
+
+
 class Checkout:
-    """One connection that is checked out right now (made on every checkout: kept small and cheap)."""
+    """One connection that is checked out right now, as reports, leak checks and shutdown read it."""
 
     __slots__ = ("frames", "owner", "record", "reported", "request", "since", "stack_frames")
 
-    def __init__(
-        self,
-        record: ConnectionPoolEntry,
-        owner: asyncio.Task[Any] | None,
-        frames: tuple[Frame, ...],
-        request: InFlight | None,
-        stack_frames: tuple[Frame, ...] | None,
-        since: float,
-    ) -> None:
-        self.record = record
-        self.owner = owner  # held until checkin: a finished task that leaked stays inspectable
-        self.frames = frames
-        self.since = since  # time.perf_counter()
-        self.request = request
-        self.stack_frames = stack_frames  # only with leak detection on
-        self.reported = False
+    def __init__(self, held: Held, reported: bool) -> None:
+        # owner: kept until checkin (a finished task that leaked stays inspectable); since: time.perf_counter();
+        # stack_frames: only with leak detection on.
+        self.record, self.owner, self.frames, self.request, self.stack_frames, self.since = held
+        self.reported = reported  # a leak WARNING named it already
 
     @property
     def where(self) -> tuple[tuple[str, int], ...]:

@@ -157,7 +157,8 @@ class DBPoolMiddleware:
         kind = scope["type"]
         if kind == "http" or kind == "websocket":
             stats_path = self.stats_path
-            if stats_path is not None:
+            # A substring test first (one operation): a path routed to the stats app always contains its path.
+            if stats_path is not None and stats_path in scope["path"]:
                 path = route_path(scope) if scope.get("root_path") else scope["path"]
                 if path.startswith(stats_path) and (len(path) == len(stats_path) or path[len(stats_path)] == "/"):
                     root = scope.get("root_path", "") + stats_path

@@ -87,8 +87,7 @@ def check_leaks(tracker: PoolTracker, now: float | None = None) -> int:
     found = 0
     for checkout in list(tracker.checkouts.values()):
         if not checkout.reported and now - checkout.since > tracker.leak_threshold:
-            checkout.reported = True
-            tracker.leaks += 1
+            tracker.report_leak(checkout)
             found += 1
             stack = "".join(f"\n    {line}" for line in checkout.stack or [checkout.site])
             logger.warning(

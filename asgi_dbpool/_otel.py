@@ -39,7 +39,7 @@ def enroll(trackers: Iterable[PoolTracker]) -> bool:
         attributes = {POOL: tracker.name}
         timings = (("wait_time", tracker.acquisition.wait), ("use_time", tracker.use), ("create_time", tracker.create))
         for name, histogram in timings:
-            histogram.otel = (_HISTOGRAMS[name], attributes) if configured else None
+            histogram.enroll((_HISTOGRAMS[name], attributes) if configured else None)
     return True
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
 from ._acquire import Acquisition, PoolClosedError, PoolOverloadedError
-from ._checkout import Checkout, checkout_site, checkout_stack, current_request, on_session_commit
+from ._checkout import Checkout, Held, current_request, on_session_commit
 from ._dialects import abort_if_closing, wait_closed
 from ._histogram import Histogram
 from ._pool import track
@@ -44,7 +44,9 @@ class PoolTracker:
             self.async_engine, engine = engine, engine.sync_engine
         self.engine: Engine = engine
         self.name = name
-        self.checkouts: dict[int, Checkout] = {}
+        # What the pool notes per checkout (see _pool.TrackedPool), by id() of the pool entry; read via checkouts.
+        self.held: dict[int, Held] = {}
+        self.reported: set[int] = set()  # ids of the entries a leak WARNING named
         self.invalidations = self.reclaimed = self.leaks = 0
         self.checked_out_max = self.overflow_max = self.checkouts_total = self.overflow_checkouts = 0
         self.server: dict[str, int] = {}  # server settings read at startup (budget check, advice)
@@ -58,8 +60,8 @@ class PoolTracker:
         self._connecting: dict[int, float] = {}
         # Every pool entry that opened a connection (idle or checked out): closing at shutdown reaches them all.
         self._entries: weakref.WeakSet[ConnectionPoolEntry] = weakref.WeakSet()
-        self._pool_size = self.pool_size()  # the same for every pool engine.dispose() makes
-        track(engine.pool, self)  # checkouts and checkins reach checked_out / checked_in (see _pool)
+        self.pool_size_now = self.pool_size()  # the same for every pool engine.dispose() makes
+        track(engine, self)  # checkouts and checkins reach checked_out / checked_in (see _pool)
         event.listen(engine, "detach", self._on_detach)
         event.listen(engine, "invalidate", self._on_invalidate)
         event.listen(engine, "do_connect", self._on_do_connect)
@@ -67,58 +69,59 @@ class PoolTracker:
         if not event.contains(Session, "before_commit", on_session_commit):
             event.listen(Session, "before_commit", on_session_commit)
 
-    # -- checkouts and checkins (called by the pool, see _pool.TrackedPool) ---------------------------
-    def checked_out(self, record: ConnectionPoolEntry, task: asyncio.Task[Any] | None, now: float) -> None:
-        """``task`` got ``record`` at ``now`` (``time.perf_counter()``), before its pre-ping."""
-        request = current_request.get()
-        if request is not None:
-            if request.done:  # an in-process caller's task after its request (see InFlight)
-                request = None
-            else:
-                request.holding += 1
-        stack = checkout_stack() if self.leak_threshold is not None else None
-        checkouts = self.checkouts
-        checkouts[id(record)] = Checkout(record, task, checkout_site(), request, stack, now)
-        self.checkouts_total += 1
-        out = len(checkouts)
-        if out > self.checked_out_max:
-            self.checked_out_max = out
-        if out > self._pool_size:  # only then can the pool have opened overflow connections
-            pool: Any = self.engine.pool
-            overflow = pool.overflow() if hasattr(pool, "overflow") else 0
-            if overflow > 0:
-                self.overflow_checkouts += 1
-                if overflow > self.overflow_max:
-                    self.overflow_max = overflow
+    # -- checkouts and checkins (noted by the pool itself, see _pool.TrackedPool) ------------------
+    @property
+    def checkouts(self) -> dict[int, Checkout]:
+        """The connections checked out now, by ``id()`` of their pool entry (a fresh view at every call)."""
+        reported = self.reported
+        return {key: Checkout(held, key in reported) for key, held in list(self.held.items())}
 
-    def checked_in(self, record: ConnectionPoolEntry) -> None:
-        if self.overloaded and not self.acquisition.pending:  # a connection is free and nobody waits: it is over
-            self.overloaded = False
-            figures = self._figures()
-            logger.info(
-                "engine %r: pool no longer exhausted (%s)",
-                self.name,
-                ", ".join(f"{k}={v}" for k, v in figures.items()),
-                extra=fields("recovered", self.name, **figures),
-            )
-        checkout = self.checkouts.pop(id(record), None)
-        if checkout is not None:
-            if checkout.request is not None:
-                checkout.request.holding -= 1
-            held = time.perf_counter() - checkout.since
-            self.use.observe(held)
-            if checkout.reported:
-                logger.info(
-                    "engine %r: the connection checked out at %s came back after %.1fs",
-                    self.name,
-                    checkout.site,
-                    held,
-                    extra=fields("leak_returned", self.name, site=checkout.site, held=held),
-                )
+    def report_leak(self, checkout: Checkout) -> None:
+        """Note that a leak WARNING names ``checkout`` (once each; its checkin is then reported too)."""
+        checkout.reported = True
+        self.reported.add(id(checkout.record))
+        self.leaks += 1
+
+    def returned_after_report(self, key: int, held: Held, seconds: float) -> None:
+        """A connection a leak WARNING named came back after ``seconds``."""
+        self.reported.discard(key)
+        site = Checkout(held, True).site
+        logger.info(
+            "engine %r: the connection checked out at %s came back after %.1fs",
+            self.name,
+            site,
+            seconds,
+            extra=fields("leak_returned", self.name, site=site, held=seconds),
+        )
+
+    def note_overflow(self) -> None:
+        """More connections are out than the pool's size: count the checkout when overflow connections exist."""
+        pool: Any = self.engine.pool
+        overflow = pool.overflow() if hasattr(pool, "overflow") else 0
+        if overflow > 0:
+            self.overflow_checkouts += 1
+            if overflow > self.overflow_max:
+                self.overflow_max = overflow
+
+    def recovered(self) -> None:
+        """A connection came back while nobody waits: the pool is no longer exhausted."""
+        self.overloaded = False
+        figures = self._figures()
+        logger.info(
+            "engine %r: pool no longer exhausted (%s)",
+            self.name,
+            ", ".join(f"{k}={v}" for k, v in figures.items()),
+            extra=fields("recovered", self.name, **figures),
+        )
+
+    def fold(self) -> None:
+        """Fold the hot path's pending timings into their histograms (the pool calls it every FOLD_EVERY checkouts)."""
+        self.acquisition.wait.fold()
+        self.use.fold()
 
     # -- pool events (rare: invalidation, detach, a new connection) -------------------------------
     def _on_detach(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        self.checkouts.pop(id(record), None)
+        self.held.pop(id(record), None)
 
     def _on_invalidate(self, dbapi_connection: Any, record: ConnectionPoolEntry, exc: BaseException | None) -> None:
         if not self.acquisition.closed and id(record) not in self._reclaiming:
@@ -175,7 +178,7 @@ class PoolTracker:
         pool: Any = self.engine.pool
         size = int(pool.size()) if hasattr(pool, "size") else 0
         checked_in = int(pool.checkedin()) if hasattr(pool, "checkedin") else 0
-        checked_out = int(pool.checkedout()) if hasattr(pool, "checkedout") else len(self.checkouts)
+        checked_out = int(pool.checkedout()) if hasattr(pool, "checkedout") else len(self.held)
         overflow = max(0, int(pool.overflow())) if hasattr(pool, "overflow") else 0
         return {
             "pool_size": size,
@@ -230,7 +233,7 @@ class PoolTracker:
             logger.exception("engine %r: could not close a leaked connection %s", self.name, leak.site)
         finally:
             self._reclaiming.discard(key)
-            self.checkouts.pop(key, None)
+            self.held.pop(key, None)
             self.reclaimed += 1
 
     async def close_connections(self, seconds: float) -> int:

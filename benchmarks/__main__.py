@@ -213,7 +213,7 @@ async def bench_checkout(url: str, rounds: int, n: int) -> str:
 
         return run
 
-    names = {"plain engine": plain, "with asgi_dbpool events": tracked, "with leak detection (stacks)": stacks}
+    names = {"plain engine": plain, "tracked (asgi_dbpool)": tracked, "with leak detection (stacks)": stacks}
     bare = await interleave({k: rate(e, False) for k, e in names.items()}, rounds, "plain engine")
     queried = await interleave({k: rate(e, True) for k, e in names.items()}, rounds, "plain engine")
     for engine in names.values():
