@@ -8,16 +8,16 @@ from typing import Any
 
 #: Upper bounds in seconds, from sub-millisecond waits to a 30 s pool timeout.
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-#: Observations kept before they are folded into the buckets (also on every read): a bound on the memory.
-FOLD_AT = 512
+#: At most this many observations wait to be folded into the buckets (they are also folded on every read).
+FOLD_AT = 256
 
 
 class Histogram:
     """A fixed-bucket histogram whose ``add(seconds)`` costs one list append on the hot path.
 
     Observations wait in ``pending`` and are folded into the buckets in a batch (sorted once, one bisect per
-    bucket) when the figures are read, or by whoever adds once ``FOLD_AT`` wait (see :meth:`full`): a checkout
-    pays an append instead of a Python call, a bisect and three additions.
+    bucket) when the figures are read, or by whoever adds once ``FOLD_AT`` wait (the pool: every ``FOLD_AT``
+    checkouts): a checkout pays an append instead of a Python call, a bisect and three additions.
     """
 
     __slots__ = ("_count", "_counts", "_sum", "add", "otel", "pending")
@@ -47,9 +47,6 @@ class Histogram:
         self.add(seconds)
         if len(self.pending) >= FOLD_AT:
             self.fold()
-
-    def full(self) -> bool:
-        return len(self.pending) >= FOLD_AT
 
     def fold(self) -> None:
         """Move the pending observations into the buckets."""

@@ -28,13 +28,10 @@ from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
 from ._acquire import Acquisition
 from ._checkout import Held, checkout_frames, current_request
-from ._histogram import Histogram
+from ._histogram import FOLD_AT, Histogram
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
-
-#: Every this many checkouts the pending timings are folded into their histograms.
-FOLD_EVERY = 256
 
 
 class PoolTracker(Protocol):
@@ -147,7 +144,7 @@ def _tracking(
             tracker.checked_out_max = out
         if out > tracker.pool_size_now:  # only then can the pool have opened overflow connections
             tracker.note_overflow()
-        if not total % FOLD_EVERY:
+        if not total % FOLD_AT:  # the pending timings into their histograms: a bound on their memory
             tracker.fold()
         return record
 

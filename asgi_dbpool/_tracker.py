@@ -115,7 +115,7 @@ class PoolTracker:
         )
 
     def fold(self) -> None:
-        """Fold the hot path's pending timings into their histograms (the pool calls it every FOLD_EVERY checkouts)."""
+        """Fold the hot path's pending timings into their histograms (the pool calls it every FOLD_AT checkouts)."""
         self.acquisition.wait.fold()
         self.use.fold()
 

@@ -1,0 +1,64 @@
+"""The hot path's shortcuts keep the figures exact: batched histograms bucket like one bisect per observation,
+and the tracked pool is a fresh instance of a subclass that keeps the pool's logger."""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import random
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from asgi_dbpool import DBPoolMiddleware
+from asgi_dbpool._histogram import BUCKETS, FOLD_AT, Histogram
+
+
+def test_batched_histogram_buckets_every_observation_as_a_bisect_would() -> None:
+    rng = random.Random(18)
+    values = [rng.choice(BUCKETS) for _ in range(300)] + [rng.uniform(0, 40) for _ in range(1200)] + [0.0, 31.0]
+    expected = [0] * (len(BUCKETS) + 1)
+    for value in values:
+        expected[bisect.bisect_left(BUCKETS, value)] += 1  # the per-observation rule: upper bounds inclusive
+    histogram = Histogram()
+    for i, value in enumerate(values):
+        histogram.add(value)
+        if i % 97 == 0:  # reads in between fold partial batches
+            assert histogram.count == i + 1
+    assert histogram.counts == expected
+    assert histogram.count == len(values)
+    assert histogram.sum == pytest.approx(sum(values))
+    assert histogram.pending == []
+
+
+def test_observe_folds_at_the_bound() -> None:
+    histogram = Histogram()
+    for _ in range(FOLD_AT - 1):
+        histogram.observe(0.001)
+    assert len(histogram.pending) == FOLD_AT - 1
+    histogram.observe(0.001)
+    assert histogram.pending == []
+    assert histogram.counts[1] == FOLD_AT
+
+
+@pytest.mark.anyio
+async def test_the_tracked_pool_is_a_fresh_instance_that_keeps_its_logger(
+    make_engine: Callable[..., AsyncEngine],
+) -> None:
+    engine = make_engine()
+    untracked = engine.sync_engine.pool
+    base_name = type(untracked).__name__
+    logger_name = untracked.logger.name if isinstance(untracked.logger, logging.Logger) else None
+    DBPoolMiddleware(lambda scope, receive, send: None, engine)  # type: ignore[arg-type, return-value]
+    pool = engine.sync_engine.pool
+    assert pool is not untracked  # a __class__ assignment on the live pool would turn its attributes into a dict
+    assert type(pool).__name__ == f"Tracked{base_name}"
+    if logger_name is not None:
+        assert pool.logger.name == logger_name  # SQLAlchemy's pool log lines keep their logger
+    async with engine.connect() as conn:
+        assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
+    assert pool.checkedout() == 0
+    await engine.dispose()
+    assert type(engine.sync_engine.pool) is type(pool)  # recreate() keeps the tracking
