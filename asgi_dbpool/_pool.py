@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
 
-class PoolTracker(Protocol):
+class Tracker(Protocol):
     """What the pool updates and calls (a :class:`~._tracker.PoolTracker`)."""
 
     acquisition: Acquisition
@@ -62,10 +62,10 @@ class TrackedPool(Pool):
     The class attribute carries a prefix so it never clashes with a pool's own names.
     """
 
-    asgi_dbpool_tracker: ClassVar[PoolTracker]
+    asgi_dbpool_tracker: ClassVar[Tracker]
 
 
-def track(engine: Engine, tracker: PoolTracker) -> None:
+def track(engine: Engine, tracker: Tracker) -> None:
     """Make ``engine``'s pool (and every pool ``recreate()`` makes from it) report to ``tracker``."""
     pool: Any = engine.pool
     base = type(pool)
@@ -97,7 +97,7 @@ def _never_connected(pool: Any) -> bool:
 
 
 def _tracking(
-    tracker: PoolTracker,
+    tracker: Tracker,
     base_get: Callable[[Any], ConnectionPoolEntry],
     base_return: Callable[[Any, ConnectionPoolEntry], None],
 ) -> tuple[Callable[[Any], ConnectionPoolEntry], Callable[[Any, ConnectionPoolEntry], None]]:
@@ -112,7 +112,7 @@ def _tracking(
             acquisition.ask(pool)  # the shutdown refusal, max_pending: before a record is taken
         try:
             task = current_task()
-        except RuntimeError:  # a sync engine used from a worker thread
+        except RuntimeError:  # a sync engine used from a worker thread (_checkout.current_task, one call less)
             task = None
         acquisition.pending += 1
         if task is not None:

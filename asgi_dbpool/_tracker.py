@@ -106,13 +106,7 @@ class PoolTracker:
     def recovered(self) -> None:
         """A connection came back while nobody waits: the pool is no longer exhausted."""
         self.overloaded = False
-        figures = self._figures()
-        logger.info(
-            "engine %r: pool no longer exhausted (%s)",
-            self.name,
-            ", ".join(f"{k}={v}" for k, v in figures.items()),
-            extra=fields("recovered", self.name, **figures),
-        )
+        self._log_figures(logging.INFO, "recovered", "engine %r: pool no longer exhausted (%s)")
 
     def fold(self) -> None:
         """Fold the hot path's pending timings into their histograms (the pool calls it every FOLD_AT checkouts)."""
@@ -145,13 +139,22 @@ class PoolTracker:
             request.exhausted = self
         if not self.overloaded:
             self.overloaded = True
-            figures = self._figures()
-            logger.warning(
+            self._log_figures(
+                logging.WARNING,
+                "exhausted",
                 "engine %r: pool exhausted (%s); answering 503 with Retry-After until it recovers",
-                self.name,
-                ", ".join(f"{k}={v}" for k, v in figures.items()),
-                extra=fields("exhausted", self.name, **figures),
             )
+
+    def _log_figures(self, level: int, event: str, message: str) -> None:
+        """Log ``message`` (``%r`` the engine's name, ``%s`` the pool's figures) with the figures as fields."""
+        figures = self._figures()
+        logger.log(
+            level,
+            message,
+            self.name,
+            ", ".join(f"{k}={v}" for k, v in figures.items()),
+            extra=fields(event, self.name, **figures),
+        )
 
     def _figures(self) -> dict[str, int]:
         snap, acquisition = self.snapshot(), self.acquisition
