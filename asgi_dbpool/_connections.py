@@ -115,7 +115,7 @@ class ConnectionTracker:
                     self.closed_by_server += 1
             return message
 
-        request = InFlight(scope, send, 0)
+        request = InFlight.start(scope, send, 0)
         token = current_request.set(request)
         try:
             await app(scope, tracked_receive, tracked_send)

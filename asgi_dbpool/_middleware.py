@@ -183,7 +183,10 @@ class DBPoolMiddleware:
             # The HTTP hot path, inline: a counter and the request in flight, which is also the app's send.
             connections = lifecycle.connections
             connections.http_in_flight += 1
-            request = InFlight(scope, send, self.retry_after)
+            request = InFlight()  # InFlight.start, inline
+            request.scope = scope
+            request.server_send = send
+            request.retry_after = self.retry_after
             current_request.set(request)  # not reset: see current_request
             try:
                 await self.app(scope, receive, request.send)
