@@ -71,7 +71,7 @@ class InFlight:
     def send(self, message: Any) -> Any:
         """The app's ``send``: notes the end of the response; after a pool timeout, the app's 500 becomes a 503."""
         # "in" before the lookup: a final body message usually has no "more_body" (a method call saved).
-        if message["type"] == "http.response.body" and not ("more_body" in message and message["more_body"]):
+        if message["type"] == "http.response.body" and not ("more_body" in message and message["more_body"]):  # noqa: RUF019
             self.responded = True  # a commit after this one was acknowledged too early (see on_session_commit)
         if self.exhausted is None:
             return self.server_send(message)

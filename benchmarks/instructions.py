@@ -74,10 +74,10 @@ TARGETS = {
     ("query", "DBPoolMiddleware"): 0.985,
     ("served", "DBPoolMiddleware"): 0.98,  # the end-to-end target (wrk), counted in instructions
 }
-#: Each (workload, variant) runs this many times and reports the median and the range. A run repeats its own count
-#: exactly only with address-space randomisation off (``setarch -R``); with it on, as in production, the layout of
-#: objects in memory changes how dictionaries and sets keyed by address probe, and counts move by up to ~2 %: one
-#: fixed layout would be one sample of that spread, not a better figure.
+#: Each (workload, variant) runs this many times; the table gives the median and the range. Under valgrind the
+#: layout of objects in memory is fixed by the child's environment, so the repeats of one run agree; another
+#: environment (another URL, another shell) moves where objects land, and with it how dictionaries and sets keyed
+#: by address probe: the database workloads then move by up to ~1 % between runs (the trivial one by 0.2 %).
 REPEATS = 3
 #: The served workload: how long wrk warms the server up, then drives it between the two checkpoints (under
 #: callgrind a server answers some tens of requests a second: enough for a few hundred requests).
