@@ -1,5 +1,5 @@
 """The pool class a tracked engine runs on: the engine's own pool class with a tracking ``_do_get`` and
-``_do_return_conn`` in front.
+``_do_return_conn`` in front, and its connections opened through a tracking creator.
 
 Every checkout and checkin pass through these two methods, so they see what pool events show (who checked
 out what, when it came back) and what no event shows (who waits, how long, timeouts, the shutdown refusal).
@@ -55,6 +55,8 @@ class Tracker(Protocol):
 
     def returned_after_report(self, key: int, held: Held, seconds: float) -> None: ...
 
+    def connected(self, record: ConnectionPoolEntry, seconds: float) -> None: ...
+
 
 class TrackedPool(Pool):
     """The base of every tracked pool class (see :func:`track`); ``asgi_dbpool_tracker`` is that engine's.
@@ -76,11 +78,13 @@ def track(engine: Engine, tracker: Tracker) -> None:
         "asgi_dbpool_tracker": tracker,
         "_do_get": do_get,
         "_do_return_conn": do_return_conn,
+        "_should_wrap_creator": _connecting(tracker, base._should_wrap_creator),
         "__module__": __name__,
         # SQLAlchemy names a pool's logger after its class: keep the engine's own pool class's name.
         "_sqla_logger_namespace": getattr(base, "_sqla_logger_namespace", None) or f"{base.__module__}.{base.__name__}",
     }
     pool.__class__ = type(f"Tracked{base.__name__}", (TrackedPool, base), namespace)
+    pool._creator = pool._creator  # the setter wraps the creator again, now through the tracked class
     if _never_connected(pool):
         # A __class__ assignment turns the instance's attributes into a plain dict, which makes every attribute
         # read in the pool's own code slower: a pool that never opened a connection is replaced by a fresh one
@@ -94,6 +98,33 @@ def _never_connected(pool: Any) -> bool:
         return int(pool.checkedin()) == 0 and int(pool.checkedout()) == 0
     except AttributeError:  # NullPool, StaticPool: the swapped class stays
         return False
+
+
+def _connecting(
+    tracker: Tracker, base_wrap: Callable[[Any, Any], Callable[[Any], Any]]
+) -> Callable[[Any, Any], Callable[[Any], Any]]:
+    """The tracked pool's ``_should_wrap_creator``: the function a pool calls to open each connection (a new one or
+    a reconnect after invalidation), refused once the pool is closed for shutdown, and timed.
+
+    A ``do_connect`` listener would do the same, but any dialect event listener makes SQLAlchemy look for
+    ``do_execute`` listeners at every statement.
+    """
+    acquisition = tracker.acquisition
+
+    def _should_wrap_creator(pool: Any, creator: Any) -> Callable[[Any], Any]:
+        invoke = base_wrap(pool, creator)
+
+        def open_connection(record: Any) -> Any:
+            if acquisition.closed:
+                raise acquisition.refusal()
+            started = perf_counter()
+            connection = invoke(record)
+            tracker.connected(record, perf_counter() - started)
+            return connection
+
+        return open_connection
+
+    return _should_wrap_creator
 
 
 def _tracking(

@@ -33,8 +33,8 @@ class PoolTracker:
     """Keeps one engine's pool figures and checkouts; survives ``engine.dispose()`` (the recreated pool reports
     here too).
 
-    The pool itself reports checkouts and checkins (:mod:`._pool`); pool events give invalidations, detaches
-    and connection creation; who waits, how long, timeouts and the shutdown refusal are the pool's
+    The pool itself reports checkouts, checkins and the connections it opens (:mod:`._pool`); pool events give
+    invalidations and detaches; who waits, how long, timeouts and the shutdown refusal are the pool's
     :class:`Acquisition` (see :mod:`._acquire`).
     """
 
@@ -57,15 +57,12 @@ class PoolTracker:
         self.overload_answers = 0  # 503s the middleware answered because this pool was exhausted
         self.overloaded = False
         self._reclaiming: set[int] = set()
-        self._connecting: dict[int, float] = {}
         # Every pool entry that opened a connection (idle or checked out): closing at shutdown reaches them all.
         self._entries: weakref.WeakSet[ConnectionPoolEntry] = weakref.WeakSet()
         self.pool_size_now = self.pool_size()  # the same for every pool engine.dispose() makes
         track(engine, self)  # checkouts and checkins reach checked_out / checked_in (see _pool)
         event.listen(engine, "detach", self._on_detach)
         event.listen(engine, "invalidate", self._on_invalidate)
-        event.listen(engine, "do_connect", self._on_do_connect)
-        event.listen(engine, "connect", self._on_connect)
         if not event.contains(Session, "before_commit", on_session_commit):
             event.listen(Session, "before_commit", on_session_commit)
 
@@ -113,7 +110,7 @@ class PoolTracker:
         self.acquisition.wait.fold()
         self.use.fold()
 
-    # -- pool events (rare: invalidation, detach, a new connection) -------------------------------
+    # -- rare: pool events (invalidation, detach), a new connection (reported by the pool) ----------
     def _on_detach(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
         self.held.pop(id(record), None)
 
@@ -121,16 +118,10 @@ class PoolTracker:
         if not self.acquisition.closed and id(record) not in self._reclaiming:
             self.invalidations += 1
 
-    def _on_do_connect(self, dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
-        if self.acquisition.closed:
-            raise self.acquisition.refusal()
-        self._connecting[id(record)] = time.perf_counter()
-
-    def _on_connect(self, dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+    def connected(self, record: ConnectionPoolEntry, seconds: float) -> None:
+        """The pool opened a connection for ``record`` in ``seconds`` (see _pool: refused while closed)."""
         self._entries.add(record)
-        started = self._connecting.pop(id(record), None)
-        if started is not None:
-            self.create.observe(time.perf_counter() - started)
+        self.create.observe(seconds)
 
     def exhausted(self) -> None:
         """A checkout timed out or was refused: mark the request (its error becomes a 503), warn once."""

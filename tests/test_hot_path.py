@@ -51,8 +51,10 @@ async def test_the_tracked_pool_is_a_fresh_instance_that_keeps_its_logger(
     untracked = engine.sync_engine.pool
     base_name = type(untracked).__name__
     logger_name = untracked.logger.name if isinstance(untracked.logger, logging.Logger) else None
-    DBPoolMiddleware(lambda scope, receive, send: None, engine)  # type: ignore[arg-type, return-value]
+    app = DBPoolMiddleware(lambda scope, receive, send: None, engine)  # type: ignore[arg-type, return-value]
     pool = engine.sync_engine.pool
+    # No engine or dialect event listener: SQLAlchemy skips its listener lookups at every statement.
+    assert (engine.sync_engine._has_events, engine.sync_engine.dialect._has_events) == (False, False)
     assert pool is not untracked  # a __class__ assignment on the live pool would turn its attributes into a dict
     assert type(pool).__name__ == f"Tracked{base_name}"
     if logger_name is not None:
@@ -60,5 +62,26 @@ async def test_the_tracked_pool_is_a_fresh_instance_that_keeps_its_logger(
     async with engine.connect() as conn:
         assert (await conn.execute(text("SELECT 1"))).scalar_one() == 1
     assert pool.checkedout() == 0
+    assert app.all_trackers()[0].create.count == 1  # the pool timed the connection it opened
     await engine.dispose()
     assert type(engine.sync_engine.pool) is type(pool)  # recreate() keeps the tracking
+
+
+@pytest.mark.anyio
+async def test_a_pool_that_already_connected_keeps_its_connections_and_times_new_ones(
+    make_engine: Callable[..., AsyncEngine],
+) -> None:
+    engine = make_engine(pool_size=1)
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+    pool = engine.sync_engine.pool
+    app = DBPoolMiddleware(lambda scope, receive, send: None, engine)  # type: ignore[arg-type, return-value]
+    tracker = app.all_trackers()[0]
+    assert engine.sync_engine.pool is pool  # its idle connection stays: the live pool's class was swapped
+    assert type(pool).__name__.startswith("Tracked")
+    async with engine.connect() as first, engine.connect() as second:  # the idle one, then an overflow one
+        await first.execute(text("SELECT 1"))
+        await second.execute(text("SELECT 1"))
+        assert len(tracker.checkouts) == 2
+    assert tracker.create.count == 1  # only the overflow connection was opened after tracking began
+    await engine.dispose()

@@ -590,3 +590,39 @@ async def test_a_request_cancelled_after_its_commit_gets_500_without_retry_after
         await conn.execute("DROP TABLE cut_writes")
     finally:
         await conn.close()
+
+
+async def test_a_connection_is_never_opened_while_closed_for_shutdown(
+    make_engine: Callable[..., AsyncEngine], database_url: str
+) -> None:
+    """A task that was already waiting in the pool's queue when shutdown closed the pool may be handed a record
+    whose connection was invalidated: reconnecting it is refused too, so nothing new opens during dispose."""
+    from asgi_dbpool._registry import tracker_for
+
+    engine = make_engine(pool_size=1, max_overflow=0)
+    tracker = tracker_for(engine, "default")
+    outcome: list[str] = []
+
+    async def waiter() -> None:
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 2"))
+            outcome.append("opened a connection")  # pragma: no cover - the failure this test guards against
+        except PoolClosedError as error:
+            outcome.append(str(error))
+
+    holder = await engine.connect()
+    await holder.execute(text("SELECT 1"))
+    task = asyncio.create_task(waiter())
+    while tracker.acquisition.pending == 0:  # noqa: ASYNC110 - the waiter is in the pool's queue now
+        await asyncio.sleep(0.005)
+    await holder.invalidate()  # the record goes back without a connection: the next holder must open one
+    tracker.refuse_checkouts()
+    try:
+        await holder.close()
+        await task
+        assert outcome == [tracker.acquisition.refusal().args[0]]
+        assert tracker.create.count == 1  # the holder's connection only
+        assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
+    finally:
+        tracker.reopen()
