@@ -12,10 +12,8 @@ import contextlib
 import json
 import os
 import platform
-import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +29,7 @@ from sqlalchemy.engine import make_url
 from demo_app.embedded import EmbeddedPostgres
 
 from .instructions import bench_instructions, discard, http_receive, http_scope
+from .processes import free_port, wait_for_port, wrk
 from .stats import Series, table
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,12 +230,6 @@ def _receiver(messages: Iterator[dict[str, Any]]) -> Callable[[], Awaitable[dict
     return receive
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def uvicorn_process(
     url: str, variant: str, pool: str, pool_timeout: float = 30
@@ -257,35 +250,12 @@ def uvicorn_process(
         stderr=subprocess.PIPE,
     )
     try:
-        for _ in range(1200):  # up to 30 s: a loaded machine imports slowly
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                break
-            time.sleep(0.025)
+        wait_for_port(port, 30)  # a loaded machine imports slowly
         yield proc, port
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-
-
-def wrk(port: int, path: str, connections: int, seconds: float) -> dict[str, float]:
-    """One wrk run (one thread: the server under test keeps the other core): requests/s, p99 in ms, errors."""
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{max(seconds, 1):g}s", "--latency", f"http://127.0.0.1:{port}{path}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    rate = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
-    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\b", out, re.M)
-    if rate is None or p99 is None:
-        raise RuntimeError(f"unexpected wrk output:\n{out}")
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    failed = int(errors.group(1)) if errors else 0
-    failed += sum(int(n) for n in socket_errors.groups()) if socket_errors else 0
-    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
-    return {"rate": float(rate.group(1)), "p99": float(p99.group(1)) * scale, "errors": failed}
 
 
 def bench_end_to_end(url: str, rounds: int, seconds: float) -> str:

@@ -1,0 +1,47 @@
+"""What the benchmarks that run servers share: a free port, waiting for a server to listen, and wrk."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import subprocess
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, seconds: float) -> None:
+    """Return once something listens on ``port`` or ``seconds`` passed (the request that follows then fails
+    with the server's own error, which says more than a timeout here would)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.025)
+
+
+def wrk(port: int, path: str, connections: int, seconds: float, timeout: float = 2.0) -> dict[str, float]:
+    """One wrk run (one thread: the server under test keeps the other core): requests/s, p99 in ms, errors
+    (non-2xx answers and socket errors)."""
+    url = f"http://127.0.0.1:{port}{path}"
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(seconds, 1):g}s", f"--timeout={timeout:g}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rate = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s)\b", out, re.M)
+    if rate is None or p99 is None:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    failed = int(errors.group(1)) if errors else 0
+    failed += sum(int(n) for n in socket_errors.groups()) if socket_errors else 0
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    return {"rate": float(rate.group(1)), "p99": float(p99.group(1)) * scale, "errors": failed}
