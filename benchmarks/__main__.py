@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 
 from demo_app.embedded import EmbeddedPostgres
 
+from .bytecodes import bench_bytecodes
 from .instructions import bench_instructions, discard, http_receive, http_scope
 from .processes import free_port, wait_for_port, wrk
 from .stats import Series, table
@@ -250,7 +251,7 @@ def uvicorn_process(
         stderr=subprocess.PIPE,
     )
     try:
-        wait_for_port(port, 30)  # a loaded machine imports slowly
+        wait_for_port(port, 30, proc)  # a loaded machine imports slowly
         yield proc, port
     finally:
         if proc.poll() is None:
@@ -369,11 +370,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         nargs="*",
-        choices=["instructions", "inprocess", "inprocess-db", "checkout", "e2e", "shutdown", "overload"],
+        choices=["instructions", "bytecodes", "inprocess", "inprocess-db", "checkout", "e2e", "shutdown", "overload"],
     )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args(argv)
-    chosen = set(args.only or ["instructions", "inprocess", "inprocess-db", "checkout", "e2e", "shutdown", "overload"])
+    chosen = set(
+        args.only
+        or ["instructions", "bytecodes", "inprocess", "inprocess-db", "checkout", "e2e", "shutdown", "overload"]
+    )
     rounds, n, seconds = (1, 200, 0.3) if args.smoke else (7, 20000, 3.0)
     sections = [
         f"# Benchmark results\n\nMachine: {environment()}.\n"
@@ -391,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
             add(
                 "## Instructions per operation (valgrind's callgrind; repeatable, whatever else runs)\n\n"
                 + bench_instructions(url, smoke=args.smoke)
+            )
+        if "bytecodes" in chosen:
+            add(
+                "## Bytecodes per operation (traced: exact, whatever the memory layout)\n\n"
+                + bench_bytecodes(url, smoke=args.smoke)
             )
         if "inprocess" in chosen:
             add(

@@ -9,8 +9,11 @@ fixed costs cancel out, and interpreter start-up, imports, the lifespan and the 
 The served workload is a uvicorn process instead, driven by wrk between two checkpoints (see
 :func:`served_per_request`). The floor variants run only the parts of the middleware that carry a feature.
 
-``python -m benchmarks.instructions child WORKLOAD VARIANT`` is the child (it needs the database URL in
-``BENCH_DATABASE_URL`` for the database workloads); ``serve VARIANT PORT`` is the served one.
+Each child runs in :data:`LAYOUTS` memory layouts (another hash seed and another length of the environment
+variable ``BENCH_LAYOUT`` for each); ratios are taken within a layout.
+
+``python -m benchmarks.instructions child WORKLOAD VARIANT SHORT LONG`` is the child (it needs the database URL
+in ``BENCH_DATABASE_URL`` for the database workloads); ``serve VARIANT PORT`` is the served one.
 """
 
 from __future__ import annotations
@@ -102,14 +105,13 @@ TARGETS = {
     ("served", "DBPoolMiddleware"): 0.98,  # the end-to-end target (wrk), counted in instructions
 }
 #: Each (workload, variant) runs once per memory layout, this many layouts; the table gives the medians and the
-#: ranges. Under valgrind the layout of objects in memory is fixed by the child's environment: runs with the same
-#: environment agree to the instruction, and another environment moves where objects land, and with it how
-#: dictionaries and sets keyed by address probe (the database workloads by up to 1 %, the trivial one by 0.2 %).
-#: So each layout is an environment variable of another length (:func:`_child_env`), the same for every variant
-#: of a workload: the ratio is taken per layout, where baseline and variant met the same conditions.
-LAYOUTS = 3
-#: The length of the padding that makes layout ``n``: ``n`` times this (a prime, so that allocations of every
-#: size class shift).
+#: ranges. Under valgrind a child's counts are fixed by its environment and its hash seed: two runs with the same
+#: ones agree to within a few hundred instructions, while another environment or seed moves where objects land
+#: and how dictionaries, sets and CPython's type-attribute cache probe (the database workloads by up to 1 %, the
+#: trivial one by 0.2 %). So layout ``n`` is hash seed ``n`` and an environment variable ``n`` times
+#: :data:`LAYOUT_STEP` characters long, the same for every variant of a workload, and the ratio is taken within
+#: each layout (the variants' own names, in ``argv``, still differ).
+LAYOUTS = 5
 LAYOUT_STEP = 997
 #: The served workload: how long wrk warms the server up, then drives it between the two checkpoints (under
 #: callgrind a server answers some tens of requests a second: enough for a few hundred requests).
@@ -221,10 +223,15 @@ def _wrap(variant: str, app: Any, engine: Any) -> Any:
         return DBPoolMiddleware(app, engine)
     if variant == "DBPoolMiddleware, leak detection on":
         return DBPoolMiddleware(app, engine, leak_threshold=3600.0)
-    return app
+    if variant in ("bare", "plain engine"):
+        return app
+    raise ValueError(f"unknown variant {variant!r}: one of {sorted({v for vs, _ in WORKLOADS.values() for v in vs})}")
 
 
-async def _child(workload: str, variant: str, short: int, long: int) -> None:
+@contextlib.asynccontextmanager
+async def workload_operation(workload: str, variant: str) -> AsyncIterator[tuple[Callable[[], Awaitable[None]], Any]]:
+    """One operation of ``workload`` for ``variant``, and the app, after the lifespan startup (the database URL is
+    ``BENCH_DATABASE_URL``)."""
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
     from starlette.applications import Starlette
@@ -249,32 +256,35 @@ async def _child(workload: str, variant: str, short: int, long: int) -> None:
 
     endpoint = hello if workload == "trivial" else query
     app = _wrap(variant, Starlette(routes=[Route("/", endpoint)]), engine)
-    if workload == "trivial" and variant != "DBPoolMiddleware":
-        engine = None  # the bare trivial app never touches a database
     # A server always has timers scheduled (uvicorn's main loop wakes every 0.1 s), which makes each turn of the
     # event loop compute its timeout; without one here, the middleware's monitor would be the only timer and
     # its variant alone would pay that per turn.
     server_tick = asyncio.create_task(asyncio.sleep(3600))
-    async with _served(app) as request:
-        operation = checkout if workload == "checkout" else request
+    try:
+        async with _served(app) as request:
+            yield (checkout if workload == "checkout" else request), app
+    finally:
+        server_tick.cancel()
+        await engine.dispose()  # the bare trivial app never connected: nothing to close
+
+
+async def _child(workload: str, variant: str, short: int, long: int) -> None:
+    async with workload_operation(workload, variant) as (operation, app):
         for n in (WARMUP, short, long):
             os.getppid()  # a checkpoint: callgrind dumps (and zeroes) its counters here
             for _ in range(n):
                 await operation()
             _scrape(app)
         os.getppid()
-    server_tick.cancel()
-    if engine is not None:
-        await engine.dispose()
 
 
 def _child_env(url: str, layout: int) -> dict[str, str]:
-    """A child's environment: the database, a fixed hash seed, and the padding that makes memory layout
-    ``layout`` (see :data:`LAYOUTS`)."""
+    """A child's environment: the database, and the hash seed and padding that make memory layout ``layout``
+    (see :data:`LAYOUTS`)."""
     return {
         **os.environ,
         "BENCH_DATABASE_URL": url,
-        "PYTHONHASHSEED": "0",
+        "PYTHONHASHSEED": str(layout),
         "PYTHONPATH": str(ROOT),
         "BENCH_LAYOUT": "x" * (layout * LAYOUT_STEP),
     }
@@ -341,7 +351,7 @@ def served_per_request(variant: str, url: str, layout: int = 0, valgrind: bool =
             ]
         server = subprocess.Popen(child, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            wait_for_port(port, 120)  # interpreter start-up under valgrind is slow
+            wait_for_port(port, 120, server)  # interpreter start-up under valgrind is slow
             # Under callgrind a request takes tens of milliseconds: wrk's timeout is raised to match.
             wrk(port, "/q", 1, SERVED_WARMUP if valgrind else 1, timeout=10)  # the pool, the first imports
             _get(port, "/__mark", 60)
@@ -401,8 +411,6 @@ def bench_instructions(url: str, workloads: list[str] | None = None, smoke: bool
 
     ``smoke`` runs each child once natively with a handful of operations (the workloads work; nothing counted).
     """
-    from .stats import table
-
     chosen = workloads or list(WORKLOADS)
     if smoke:
         for workload in chosen:
@@ -422,44 +430,56 @@ def bench_instructions(url: str, workloads: list[str] | None = None, smoke: bool
         for workload in chosen
         for variant in WORKLOADS[workload][0]
     ]
+
+    def run(job: tuple[str, str, int]) -> float:
+        workload, variant, layout = job
+        return per_operation(workload, variant, url, layout)
+
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # counts do not depend on what else runs
-        runs = list(pool.map(lambda job: per_operation(job[0], job[1], url, job[2]), jobs))
-    counts = {job: count for job, count in zip(jobs, runs, strict=True)}
+        counts = dict(zip(jobs, pool.map(run, jobs), strict=True))
+    return report(chosen, counts)
+
+
+def report(chosen: list[str], counts: dict[tuple[str, str, int], float]) -> str:
+    """The table and the verdicts from ``counts``: instructions per operation by (workload, variant, layout)."""
+    from .stats import table
+
+    layouts = sorted({layout for _, _, layout in counts})
     rows = []
     verdicts = []
     for workload in chosen:
         variants, what = WORKLOADS[workload]
         base = variants[0]
-        cost, ratio = {}, {}
+        by_layout = {variant: [counts[workload, variant, layout] for layout in layouts] for variant in variants}
         for variant in variants:
-            layouts = [counts[workload, variant, layout] for layout in range(LAYOUTS)]
-            ratios = [counts[workload, base, layout] / counts[workload, variant, layout] for layout in range(LAYOUTS)]
-            cost[variant], ratio[variant] = statistics.median(layouts), statistics.median(ratios)
+            ratios = _ratios(by_layout[base], by_layout[variant])
+            ratio = statistics.median(ratios)
             target = TARGETS.get((workload, variant))
             verdict = ""
             if target is not None:
-                verdict = f">= {target}: met" if ratio[variant] >= target else f">= {target}: missed"
+                verdict = f">= {target}: met" if ratio >= target else f">= {target}: missed"
+                if ratio < target:
+                    floor = FLOOR_OF.get((workload, variant)) or next(v for v in variants if v.startswith("floor:"))
+                    verdicts.append(_missed(what, variant, target, floor, by_layout[base], by_layout))
+            low, high = min(by_layout[variant]), max(by_layout[variant])
             rows.append(
                 [
                     what,
                     variant,
-                    f"{cost[variant] / 1000:,.1f} k",
-                    f"{min(layouts) / 1000:,.1f}-{max(layouts) / 1000:,.1f} k",
-                    f"{ratio[variant]:.3f}",
+                    f"{statistics.median(by_layout[variant]) / 1000:,.1f} k",
+                    f"{low / 1000:,.1f}-{high / 1000:,.1f} k",
+                    f"{ratio:.3f}",
                     f"{min(ratios):.3f}-{max(ratios):.3f}",
                     verdict,
                 ]
             )
-            if target is not None and ratio[variant] < target:
-                floor = FLOOR_OF.get((workload, variant)) or next(v for v in variants if v.startswith("floor:"))
-                verdicts.append(_missed(what, variant, target, floor, cost, ratio))
     header = [
         "workload",
         "variant",
-        f"instructions per operation (median of {LAYOUTS} layouts)",
+        f"instructions per operation (median of {len(layouts)} layouts)",
         "range",
         "baseline / variant (median of the layouts' ratios)",
-        "range",
+        "range of the ratios",
         "target",
     ]
     text = table(header, rows)
@@ -470,19 +490,27 @@ def bench_instructions(url: str, workloads: list[str] | None = None, smoke: bool
     return text
 
 
-def _missed(what: str, variant: str, target: float, floor: str, cost: dict[str, float], ratio: dict[str, float]) -> str:
+def _ratios(base: list[float], variant: list[float]) -> list[float]:
+    """baseline / variant within each layout."""
+    return [b / v for b, v in zip(base, variant, strict=True)]
+
+
+def _missed(
+    what: str, variant: str, target: float, floor: str, base: list[float], by_layout: dict[str, list[float]]
+) -> str:
     """One line on a missed target: whether ``floor`` alone meets it, and how many instructions the target leaves
-    the middleware's own bookkeeping beside how many it takes (``cost`` and ``ratio`` per variant, the baseline
-    first)."""
-    base = next(iter(cost))
-    own = (cost[variant] - cost[floor]) / 1000
-    head = f"- {what}, {variant}: {ratio[variant]:.3f} (target {target}). The floor, {FLOORS[floor]}, is "
-    if ratio[floor] < target:
-        verdict = f"{ratio[floor]:.3f} by itself: the target cannot be met while these features stay"
+    the middleware's own bookkeeping beside how many it takes (``base`` and ``by_layout``: counts per layout;
+    every figure is the median of the layouts' own)."""
+    ratio = statistics.median(_ratios(base, by_layout[variant]))
+    floor_ratio = statistics.median(_ratios(base, by_layout[floor]))
+    own = statistics.median(v - f for v, f in zip(by_layout[variant], by_layout[floor], strict=True)) / 1000
+    head = f"- {what}, {variant}: {ratio:.3f} (target {target}). The floor, {FLOORS[floor]}, is "
+    if floor_ratio < target:
+        verdict = f"{floor_ratio:.3f} by itself: the target cannot be met while these features stay"
     else:
-        room = (cost[base] / target - cost[floor]) / 1000
+        room = statistics.median(b / target - f for b, f in zip(base, by_layout[floor], strict=True)) / 1000
         verdict = (
-            f"{ratio[floor]:.3f} by itself: the target leaves {room:,.1f} k instructions for the rest of the middleware"
+            f"{floor_ratio:.3f} by itself: the target leaves {room:,.1f} k instructions for the rest of the middleware"
         )
     return (
         f"{head}{verdict}. The rest, {own:,.1f} k, is the bookkeeping of the other features: {BOOKKEEPING[floor]} "

@@ -10,27 +10,33 @@ import time
 
 
 def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, seconds: float) -> None:
-    """Return once something listens on ``port`` or ``seconds`` passed (the request that follows then fails
-    with the server's own error, which says more than a timeout here would)."""
+def wait_for_port(port: int, seconds: float, server: subprocess.Popen[bytes]) -> None:
+    """Return once ``server`` listens on ``port``; raise with the end of its stderr if it exits first or
+    ``seconds`` pass."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while server.poll() is None and time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return
         time.sleep(0.025)
+    if server.poll() is None:
+        server.kill()
+    _, stderr = server.communicate()
+    state = f"exited with {server.returncode}" if server.returncode else f"did not listen within {seconds:g} s"
+    raise RuntimeError(f"the server on port {port} {state}:\n{(stderr or b'').decode(errors='replace')[-3000:]}")
 
 
-def wrk(port: int, path: str, connections: int, seconds: float, timeout: float = 2.0) -> dict[str, float]:
+def wrk(port: int, path: str, connections: int, seconds: float, timeout: int = 2) -> dict[str, float]:
     """One wrk run (one thread: the server under test keeps the other core): requests/s, p99 in ms, errors
-    (non-2xx answers and socket errors)."""
+    (non-2xx answers and socket errors). wrk takes whole seconds: ``seconds`` is rounded, at least 1."""
     url = f"http://127.0.0.1:{port}{path}"
     out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{max(seconds, 1):g}s", f"--timeout={timeout:g}s", "--latency", url],
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(round(seconds), 1)}s", f"--timeout={timeout}s", "--latency", url],
         capture_output=True,
         text=True,
         check=True,

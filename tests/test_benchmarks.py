@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +27,8 @@ def test_benchmarks_smoke(database_url: str, tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    for heading in ("Per-request overhead", "Pool checkout/checkin loop", "End to end", "Shutdown latency", "Overload"):
+    headings = ("Bytecodes per operation", "Per-request overhead", "Pool checkout/checkin loop", "End to end")
+    for heading in (*headings, "Shutdown latency", "Overload"):
         assert f"## {heading}" in proc.stdout
     assert "| DBPoolMiddleware |" in proc.stdout
     assert not (tmp_path / "r.md").exists()  # a smoke run is not a measurement: RESULTS.md is not written
@@ -38,9 +41,9 @@ def test_a_missed_target_is_judged_by_its_floor() -> None:
     from benchmarks.instructions import BOOKKEEPING, _missed
 
     floor = "floor: request record + send hook"
-    cost = {"bare": 100.0e3, floor: 110.0e3, "DBPoolMiddleware": 112.0e3}
-    ratio = {"bare": 1.0, floor: 0.909, "DBPoolMiddleware": 0.893}
-    out_of_reach = _missed("w", "DBPoolMiddleware", 0.97, floor, cost, ratio)
+    base = [100.0e3]
+    by_layout = {"bare": base, floor: [110.0e3], "DBPoolMiddleware": [112.0e3]}
+    out_of_reach = _missed("w", "DBPoolMiddleware", 0.97, floor, base, by_layout)
     assert out_of_reach == (
         "- w, DBPoolMiddleware: 0.893 (target 0.97). The floor, the request's record in a context variable (a "
         "checkout in a task the request spawned finds it) and the send hook (the 503 in place of the app's 500, the "
@@ -48,7 +51,68 @@ def test_a_missed_target_is_judged_by_its_floor() -> None:
         f"while these features stay. The rest, 2.0 k, is the bookkeeping of the other features: {BOOKKEEPING[floor]} "
         "(docs/benchmarks.md measures each part)."
     )
-    within_reach = _missed("w", "DBPoolMiddleware", 0.90, floor, cost, ratio)
+    within_reach = _missed("w", "DBPoolMiddleware", 0.90, floor, base, by_layout)
     # 100 k / 0.90 = 111.1 k in all: 1.1 k above the floor's 110 k, where the middleware takes 2.0 k.
     assert "is 0.909 by itself: the target leaves 1.1 k instructions for the rest of the middleware. " in within_reach
     assert "The rest, 2.0 k, is the bookkeeping of the other features: per request, " in within_reach
+
+
+def test_the_instruction_table_takes_each_ratio_within_a_layout_and_judges_each_target_by_its_floor() -> None:
+    """Made-up counts in three layouts: the medians, the ranges, the ratios taken within each layout, and the
+    leak-detection target judged by the floor that keeps the stack (not by the checkout site's)."""
+    from benchmarks.instructions import report
+
+    base = [200.0e3, 202.0e3, 198.0e3]
+    extra = {
+        "plain engine": 0.0,
+        "floor: checkout site": 10.0e3,
+        "DBPoolMiddleware": 20.0e3,
+        "floor: checkout stack": 12.0e3,
+        "DBPoolMiddleware, leak detection on": 25.0e3,
+    }
+    counts = {
+        ("checkout", variant, layout): base[layout] + more for variant, more in extra.items() for layout in range(3)
+    }
+    text = report(["checkout"], counts)
+    what = "`engine.connect()` + close, no query"
+    # 200/220, 202/222, 198/218 = 0.9091, 0.9099, 0.9083
+    assert f"| {what} | DBPoolMiddleware | 220.0 k | 218.0-222.0 k | 0.909 | 0.908-0.910 | >= 0.95: missed |" in text
+    assert f"| {what} | plain engine | 200.0 k | 198.0-202.0 k | 1.000 | 1.000-1.000 |  |" in text
+    verdicts = text.split("run alone):\n\n")[1].splitlines()
+    assert len(verdicts) == 2
+    # The site floor: 0.952 (200/210); the target leaves 200/0.95 - 210 = 0.5 k (the median of the layouts').
+    assert verdicts[0].startswith(f"- {what}, DBPoolMiddleware: 0.909 (target 0.95). The floor, the walk that ")
+    assert "is 0.952 by itself: the target leaves 0.5 k instructions for the rest of the middleware. " in verdicts[0]
+    assert "The rest, 10.0 k, is the bookkeeping" in verdicts[0]
+    # Leak detection: 200/225 = 0.889, judged by the stack floor (200/212 = 0.943; 200/0.9 - 212 = 10.2 k).
+    assert verdicts[1].startswith(
+        f"- {what}, DBPoolMiddleware, leak detection on: 0.889 (target 0.9). The floor, the same walk going on"
+    )
+    assert "is 0.943 by itself: the target leaves 10.2 k instructions for the rest of the middleware. " in verdicts[1]
+    assert "The rest, 13.0 k, is the bookkeeping" in verdicts[1]
+
+
+def test_bytecode_counts_are_exact_whatever_the_layout(database_url: str) -> None:
+    """The traced counts name the middleware's functions and do not move with the hash seed and the environment,
+    which move the instruction counts (the reason the bytecode table exists); the plain engine runs none of ours."""
+
+    def count(variant: str, layout: int) -> dict[str, Any]:
+        env = {**os.environ, "BENCH_DATABASE_URL": database_url, "PYTHONPATH": str(ROOT)}
+        env |= {"PYTHONHASHSEED": str(layout), "BENCH_LAYOUT": "x" * (997 * layout)}
+        command = [sys.executable, "-m", "benchmarks.bytecodes", "child", "checkout", variant]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
+        figures: dict[str, Any] = json.loads(done.stdout)
+        return figures
+
+    wrapped = count("DBPoolMiddleware", 0)
+    assert count("DBPoolMiddleware", 3) == wrapped
+    assert set(wrapped["own"]) == {
+        "_checkout._user_frames",
+        "_pool._do_get",
+        "_pool._do_return_conn",
+        "_checkout.checkout_frames",
+    }
+    plain = count("plain engine", 0)
+    assert plain["own"] == {}
+    # Those four, and asyncio.current_task, a Python function before 3.12.
+    assert wrapped["frames"] - plain["frames"] == (5 if sys.version_info < (3, 12) else 4)
