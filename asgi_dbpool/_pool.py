@@ -10,10 +10,11 @@ closures over the tracker and the base class's methods: a closure variable is th
 (a class attribute read through ``self`` is a full lookup in Python 3.11). A ``checkout``/``checkin`` event
 listener would instead add SQLAlchemy's event dispatch to every checkout.
 
-The engine's pool is replaced by a fresh pool of the tracked subclass, once, when the tracker is made (for
-engines built by ``PoolSettings.create_async_engine()`` and by the user alike), as ``engine.dispose()`` does;
-``Pool.recreate()`` (``engine.dispose()``) builds the next pool from ``self.__class__``: the tracking survives
-disposal.
+When the tracker is made (for engines built by ``PoolSettings.create_async_engine()`` and by the user alike)
+the engine's pool takes the tracked subclass: a pool that never connected is then replaced by a fresh pool of
+it, as ``engine.dispose()`` does; one that holds connections keeps them, its class swapped in place and its
+creator wrapped again. ``Pool.recreate()`` (``engine.dispose()``) builds the next pool from
+``self.__class__``: the tracking survives disposal.
 """
 
 from __future__ import annotations

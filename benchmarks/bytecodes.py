@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -22,15 +21,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .instructions import WARMUP, workload_operation
+from .instructions import ROOT, WARMUP, WORKLOADS, _child_env, workload_operation
 
-ROOT = Path(__file__).resolve().parent.parent
 OPERATIONS = 50
-#: workload -> its variants, the baseline first (the instruction benchmark's workloads and names).
+#: workload -> its variants, the baseline first: the instruction benchmark's in-process workloads, without the
+#: floors and the forwarding wrapper (they run none of the middleware's functions, or not its own way).
 VARIANTS = {
-    "trivial": ("bare", "DBPoolMiddleware"),
-    "checkout": ("plain engine", "DBPoolMiddleware", "DBPoolMiddleware, leak detection on"),
-    "query": ("bare", "DBPoolMiddleware"),
+    workload: tuple(v for v in WORKLOADS[workload][0] if not v.startswith("floor:") and v != "forwarding wrapper")
+    for workload in ("trivial", "checkout", "query")
 }
 _OWN = str(ROOT / "asgi_dbpool")
 
@@ -39,12 +37,15 @@ class _Tally:
     """A trace function counting bytecodes and frames entered, in all and per ``asgi_dbpool`` function."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.bytecodes = 0
         self.frames = 0
         self.own: Counter[str] = Counter()
 
     def trace(self, frame: FrameType, event: str, arg: object) -> Any:
-        frame.f_trace_opcodes = True
+        frame.f_trace_opcodes = True  # 3.11 and 3.13 take it here; 3.12 only from sys._getframe() (see _child)
         self.frames += 1
         code = frame.f_code
         name = f"{Path(code.co_filename).stem}.{code.co_name}" if code.co_filename.startswith(_OWN) else None
@@ -64,8 +65,14 @@ async def _child(workload: str, variant: str) -> dict[str, Any]:
         for _ in range(WARMUP):
             await operation()
         tally = _Tally()
+        # Opcode events on: Python 3.12 sends them only when the frame calling settrace asks for them first.
+        sys._getframe().f_trace_opcodes = True
         sys.settrace(tally.trace)
         try:
+            # One traced operation first: frames entered before settrace (this one, the event loop's) are traced
+            # only once resumed, so the first operation would count differently from the rest.
+            await operation()
+            tally.reset()
             for _ in range(OPERATIONS):
                 await operation()
         finally:
@@ -82,7 +89,7 @@ def bench_bytecodes(url: str, smoke: bool = False) -> str:
     functions with the bytecodes each executes per operation."""
     from .stats import table
 
-    env = {**os.environ, "BENCH_DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
+    env = _child_env(url, 0)
     rows = []
     for workload, variants in VARIANTS.items():
         counted = {}

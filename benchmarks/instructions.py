@@ -1,5 +1,5 @@
-"""Instructions per operation, counted by valgrind's callgrind: repeatable to a fraction of a percent on a busy
-machine, where wall-clock ratios drift by several percent.
+"""Instructions per operation, counted by valgrind's callgrind: independent of what else runs on a busy machine,
+where wall-clock ratios drift by several percent (but moved by the memory layout, see :data:`LAYOUTS`).
 
 Each (workload, variant) runs in a child process under callgrind: set-up and warm-up, then ``SHORT``
 operations, then ``LONG`` operations. Callgrind dumps its counters at each checkpoint between them (the child

@@ -24,10 +24,11 @@ def wait_for_port(port: int, seconds: float, server: subprocess.Popen[bytes]) ->
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return
         time.sleep(0.025)
-    if server.poll() is None:
+    timed_out = server.poll() is None
+    if timed_out:
         server.kill()
     _, stderr = server.communicate()
-    state = f"exited with {server.returncode}" if server.returncode else f"did not listen within {seconds:g} s"
+    state = f"did not listen within {seconds:g} s" if timed_out else f"exited with {server.returncode}"
     raise RuntimeError(f"the server on port {port} {state}:\n{(stderr or b'').decode(errors='replace')[-3000:]}")
 
 
