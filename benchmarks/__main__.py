@@ -35,6 +35,8 @@ from .stats import Series, table
 
 ROOT = Path(__file__).resolve().parent.parent
 Rate = Callable[[], Awaitable[float]]
+#: The sections of RESULTS.md, in their order (``--only`` picks some).
+SECTIONS = ["instructions", "bytecodes", "inprocess", "inprocess-db", "checkout", "e2e", "shutdown", "overload"]
 
 
 @contextlib.contextmanager
@@ -370,14 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         nargs="*",
-        choices=["instructions", "bytecodes", "inprocess", "inprocess-db", "checkout", "e2e", "shutdown", "overload"],
+        choices=SECTIONS,
     )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args(argv)
-    chosen = set(
-        args.only
-        or ["instructions", "bytecodes", "inprocess", "inprocess-db", "checkout", "e2e", "shutdown", "overload"]
-    )
+    chosen = set(args.only or SECTIONS)
     rounds, n, seconds = (1, 200, 0.3) if args.smoke else (7, 20000, 3.0)
     sections = [
         f"# Benchmark results\n\nMachine: {environment()}.\n"

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from .instructions import ROOT, WARMUP, WORKLOADS, _child_env, workload_operation
+from .instructions import ROOT, WARMUP, WORKLOADS, child_env, workload_operation
 
 OPERATIONS = 50
 #: workload -> its variants, the baseline first: the instruction benchmark's in-process workloads, without the
@@ -89,7 +89,7 @@ def bench_bytecodes(url: str, smoke: bool = False) -> str:
     functions with the bytecodes each executes per operation."""
     from .stats import table
 
-    env = _child_env(url, 0)
+    env = child_env(url, 0)
     rows = []
     for workload, variants in VARIANTS.items():
         counted = {}

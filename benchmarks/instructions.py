@@ -278,7 +278,7 @@ async def _child(workload: str, variant: str, short: int, long: int) -> None:
         os.getppid()
 
 
-def _child_env(url: str, layout: int) -> dict[str, str]:
+def child_env(url: str, layout: int) -> dict[str, str]:
     """A child's environment: the database, and the hash seed and padding that make memory layout ``layout``
     (see :data:`LAYOUTS`)."""
     return {
@@ -339,7 +339,7 @@ def served_per_request(variant: str, url: str, layout: int = 0, valgrind: bool =
     with tempfile.TemporaryDirectory(prefix="callgrind-") as tmp:
         out = Path(tmp) / "callgrind.out"
         port = free_port()
-        env = {**_child_env(url, layout), "BENCH_POOL": "10,10"}
+        env = {**child_env(url, layout), "BENCH_POOL": "10,10"}
         child = [sys.executable, "-m", "benchmarks.instructions", "serve", variant, str(port)]
         if valgrind:
             child = [
@@ -378,7 +378,7 @@ def per_operation(
         return served_per_request(variant, url, layout)
     with tempfile.TemporaryDirectory(prefix="callgrind-") as tmp:
         out = Path(tmp) / "callgrind.out"
-        env = _child_env(url, layout)
+        env = child_env(url, layout)
         command = [
             "valgrind",
             "--tool=callgrind",
@@ -418,7 +418,7 @@ def bench_instructions(url: str, workloads: list[str] | None = None, smoke: bool
                 if workload == "served":
                     served_per_request(variant, url, valgrind=False)
                     continue
-                env = _child_env(url, 0)
+                env = child_env(url, 0)
                 command = [sys.executable, "-m", "benchmarks.instructions", "child", workload, variant, "2", "4"]
                 subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)
         return "Smoke run: every workload ran natively; no instruction was counted."

@@ -97,10 +97,10 @@ def test_the_instruction_table_takes_each_ratio_within_a_layout_and_judges_each_
 def test_bytecode_counts_are_exact_whatever_the_layout(database_url: str) -> None:
     """The traced counts name the middleware's functions and do not move with the hash seed and the environment,
     which move the instruction counts (the reason the bytecode table exists); the plain engine runs none of ours."""
-    from benchmarks.instructions import _child_env
+    from benchmarks.instructions import child_env
 
     def count(variant: str, layout: int) -> dict[str, Any]:
-        env = _child_env(database_url, layout)
+        env = child_env(database_url, layout)
         command = [sys.executable, "-m", "benchmarks.bytecodes", "child", "checkout", variant]
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
         figures: dict[str, Any] = json.loads(done.stdout)
