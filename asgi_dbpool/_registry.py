@@ -13,7 +13,10 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
 
-_registry: weakref.WeakKeyDictionary[Engine, PoolTracker] = weakref.WeakKeyDictionary()
+#: Each engine's tracker, both weakly: an entry lasts as long as the engine and keeps neither alive. The engine's pool
+#: class holds its tracker, and the tracker its engine (what holds a tracker, a middleware's lifecycle or a stats app,
+#: keeps its engine working): a strong value would keep its own key alive forever.
+_registry: weakref.WeakKeyDictionary[Engine, weakref.ref[PoolTracker]] = weakref.WeakKeyDictionary()
 #: The PgBouncer pooling mode of engines built by ``PoolSettings.create_async_engine`` with ``pgbouncer`` set.
 PGBOUNCER_MODES: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
 
@@ -21,21 +24,24 @@ PGBOUNCER_MODES: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDiction
 def tracker_for(engine: Engine | AsyncEngine, name: str) -> PoolTracker:
     """The one tracker of ``engine`` (created on first use, shared by middleware and stats app)."""
     sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
-    tracker = _registry.get(sync_engine)
+    known = _registry.get(sync_engine)
+    tracker = known() if known is not None else None
     if tracker is None:
         # An engine sharing a tracked pool (engine.execution_options(...)) shares its tracker: the pool reports to one.
         tracker = getattr(type(sync_engine.pool), "asgi_dbpool_tracker", None)
         if tracker is None:
             tracker = PoolTracker(engine, name)
-        _registry[sync_engine] = tracker
+        _registry[sync_engine] = weakref.ref(tracker)
     elif tracker.async_engine is None and isinstance(engine, AsyncEngine):
         tracker.async_engine = engine
     return tracker
 
 
 def all_trackers() -> list[PoolTracker]:
-    """Every engine's tracker in this process (each engine a middleware or a stats app was given)."""
-    return list(_registry.values())
+    """Every live engine's tracker in this process (each engine a middleware or a stats app was given), once each
+    (engines sharing a pool share its tracker)."""
+    trackers = (ref() for ref in list(_registry.values()))
+    return list(dict.fromkeys(t for t in trackers if t is not None))
 
 
 def name_engines(engines: Any) -> dict[str, Any]:
