@@ -56,6 +56,9 @@ class ConnectionTracker:
         # WebSockets the server closed for its own shutdown (1012, as uvicorn does before lifespan.shutdown).
         self.closed_by_server = 0
         self.drain_waiter: asyncio.Future[None] | None = None  # made by wait_http, when shutdown drains
+        # Someone wants to hear of each request's end (the lifecycle's request_ended): the shutdown's drain, or
+        # requests served without a lifespan. One test on the hot path for both.
+        self.watched = False
         self._ws_waiter: asyncio.Future[None] | None = None
 
     def http_done(self) -> None:
@@ -66,6 +69,7 @@ class ConnectionTracker:
     async def wait_http(self) -> None:
         """Return when no HTTP request is in flight."""
         while self.http_in_flight:
+            self.watched = True
             self.drain_waiter = asyncio.get_running_loop().create_future()
             await self.drain_waiter
 

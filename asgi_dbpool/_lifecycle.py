@@ -26,7 +26,7 @@ from ._records import fields
 from ._registry import PGBOUNCER_MODES
 from ._shutdown import CONNECTION_CLOSE_TIMEOUT, FORCE_EXIT_BUDGET, ShutdownClock, close_engines
 from ._signals import DeferredTermination, on_stop_signal
-from ._startup import StartupError, check_budget, check_reachable, pool_logger_names, watch_leaks
+from ._startup import APP_EXIT_TIMEOUT, StartupError, check_budget, check_reachable, pool_logger_names, watch_leaks
 from ._tracker import PoolTracker
 from ._types import ASGIApp, Scope
 
@@ -55,7 +55,13 @@ class Lifecycle:
         self.connections = ConnectionTracker()
         self.monitor = PoolMonitor(self.trackers, options.monitor_interval, stopped=lambda: self.shutting_down)
         self.state: State = "new"
-        self.shutting_down = False  # read per request: a plain attribute, set with the state
+        self.shutting_down = False  # set with the state, from the shutdown's first step on
+        # Read per request (a plain attribute, set with the state): a lifespan is starting or running. Otherwise a
+        # request is served without one (see :meth:`enter_unhosted`), or refused while shutting down.
+        self.serving = False
+        self.warned_unhosted = False
+        self.unhosted_in_flight = 0  # requests and WebSockets served without a lifespan, now
+        self.unhosted_closing: asyncio.Future[None] | None = None
         self.server_stopping = False  # the server's shutdown trigger fired (see DBPoolMiddleware.shutdown_trigger)
         self.tasks: set[asyncio.Task[Any]] = set()  # registered by the app: cancelled before its own shutdown
         self.monitor_task: asyncio.Task[None] | None = None
@@ -107,9 +113,11 @@ class Lifecycle:
         return task
 
     # -- transitions --------------------------------------------------------------------------
-    async def start(self, scope: Scope) -> str | None:
+    async def start(self, scope: Scope) -> tuple[str, BaseException | None] | None:
         """Our startup, then the wrapped app's; ``None`` when both completed, else the one line for
-        ``lifespan.startup.failed`` (everything opened is closed again before it returns).
+        ``lifespan.startup.failed`` and the exception to raise after it (everything opened is closed again
+        before it returns): ours (:class:`StartupError`, whose message is that line), or what the wrapped app
+        raised; ``None`` when the app failed its startup without raising.
 
         SIGINT or SIGTERM during it ends it too, everything closed, and returns ``None``: the server was asked to
         stop, so ``startup.complete`` lets it go on to that shutdown (``startup.failed`` would read as a broken
@@ -120,8 +128,11 @@ class Lifecycle:
         try:
             self.claim(strict=True)
         except StartupError as exc:  # the engines are another running app's: nothing here to close
-            return str(exc)
+            return str(exc), exc
         self.state = "starting"
+        self.serving = True
+        self.unhosted_in_flight = 0  # any still in flight are the lifespan's from now on
+        self.connections.watched = False
         self.shutting_down = self.server_stopping = False
         self.terminating = None
         _guard.app_started(id(self))
@@ -134,6 +145,7 @@ class Lifecycle:
                 task.cancel()
 
         self.termination.install(self._terminated)  # before on_stop_signal, which then chains in front of it
+        error: BaseException | None
         try:
             with on_stop_signal(stop):
                 await self._start_ours()
@@ -147,17 +159,19 @@ class Lifecycle:
             await self._close_quietly()
             return None
         except StartupError as exc:
-            failure = str(exc)
+            failure, error = str(exc), exc
         except Exception as exc:  # any other failure answers startup.failed too, never silence
             logger.error("startup failed", exc_info=exc)
             failure = f"asgi_dbpool: startup failed: {one_line(exc)}"
+            error = StartupError(failure)  # the traceback is in our log; the caller gets the line
         else:
             if outcome != "failed":
                 self.state = "running"
                 return None
-            failure = detail
+            # Starlette sends startup.failed, then raises: what it raises is what a test client must see.
+            failure, error = detail, await self.inner.exited(APP_EXIT_TIMEOUT)
         await self._close_quietly()
-        return failure
+        return failure, error
 
     async def shutdown(self) -> tuple[Outcome, str]:
         """The ordered shutdown, every step bounded by ``shutdown_timeout``; returns the wrapped app's answer."""
@@ -193,6 +207,20 @@ class Lifecycle:
             self.termination.release()
         return answer
 
+    async def close_after_cancel(self) -> None:
+        """The lifespan task was cancelled: :meth:`abort` in a task of its own, waited for to the end.
+
+        A cancel scope (anyio's, which test clients use) cancels its task again at every ``await``: closing in
+        this task would be cut at its first one. The wait is bounded by the abort's own budget.
+        """
+        closing = asyncio.ensure_future(self.abort())
+        while not closing.done():
+            try:
+                await asyncio.shield(closing)
+            except asyncio.CancelledError:
+                continue
+        closing.result()
+
     async def abort(self) -> None:
         """The server cancelled the lifespan (a forced exit, or a stop during startup): close everything now,
         within ``min(shutdown_timeout, FORCE_EXIT_BUDGET)``."""
@@ -219,6 +247,55 @@ class Lifecycle:
             code,
             f" ({pending} close frame(s) not taken in time)" if pending else "",
         )
+
+    # -- requests without a lifespan ------------------------------------------------------------
+    async def enter_unhosted(self) -> None:
+        """A request or WebSocket arrives while no lifespan runs (a test client without ``with``, an ASGI
+        transport, ``--lifespan off``, a framework that keeps the middleware off the lifespan path): it is served
+        as the bare app would serve it, and when the last such one ends every connection they opened is closed
+        on their own event loop (see :meth:`leave_unhosted`), which may end right after."""
+        if not self.warned_unhosted:
+            self.warned_unhosted = True
+            logger.warning(
+                "DBPoolMiddleware is serving a request but no lifespan is running (a test client used without "
+                "'with', a server run with --lifespan off, Litestar's per-route middleware=[...]): no startup "
+                "check ran and the connections of such requests are closed when they end, so none outlives its "
+                "event loop; for normal pooling run the lifespan ('with TestClient(app)', "
+                "'async with LifespanManager(app)', or wrap the whole app)",
+                extra=fields("no_lifespan"),
+            )
+        closing = self.unhosted_closing
+        if closing is not None and not closing.done() and closing.get_loop() is asyncio.get_running_loop():
+            await asyncio.shield(closing)  # the previous ones' connections are being closed: not from that pool
+        if not self.unhosted_in_flight:
+            for tracker in self.all_trackers:
+                tracker.reopen()  # refused since the last shutdown, or never opened
+        self.unhosted_in_flight += 1
+        self.connections.watched = True
+
+    async def leave_unhosted(self) -> None:
+        """One request or WebSocket served without a lifespan ended; after the last one, close the connections."""
+        self.unhosted_in_flight -= 1
+        if self.unhosted_in_flight or self.serving:
+            return
+        self.connections.watched = self.state == "stopping"
+        self.unhosted_closing = closing = asyncio.ensure_future(self._close_unhosted())
+        await asyncio.shield(closing)
+
+    async def request_ended(self) -> None:
+        """An HTTP request ended while someone watches: the shutdown's drain, or requests without a lifespan."""
+        self.connections.http_done()
+        if self.unhosted_in_flight and not self.serving:
+            await self.leave_unhosted()
+
+    async def _close_unhosted(self) -> None:
+        for tracker in self.trackers:
+            # Connections the finished requests still hold were leaked: the WARNING names them, as at shutdown.
+            await tracker.close_leaks(only=lambda checkout: checkout.request is not None and checkout.request.done)
+            if not tracker.held and tracker.async_engine is not None:
+                # Something else (a test's own session) holds one: the pool stays, and the next such request
+                # closes its idle connections.
+                await tracker.async_engine.dispose(close=True)
 
     # -- steps ---------------------------------------------------------------------------------
     async def _start_ours(self) -> None:
@@ -320,6 +397,7 @@ class Lifecycle:
 
     def _enter_shutdown(self) -> None:
         self.state = "stopping"
+        self.serving = False
         self.shutting_down = True
         _guard.app_stopping(id(self))
 

@@ -26,6 +26,9 @@ class InnerLifespan:
         self.task: asyncio.Task[None] | None = None
         self.startup: tuple[Outcome, str] | None = None
         self.shutdown_answer: tuple[Outcome, str] | None = None
+        #: What the app raised after it failed its startup or its shutdown: the middleware raises it in turn,
+        #: as the bare app would (test clients learn of a failed lifespan only from that exception).
+        self.error: BaseException | None = None
         self._started = asyncio.Event()
         self._shutdown_requested = asyncio.Event()
         self._shutdown_answered = asyncio.Event()
@@ -101,14 +104,27 @@ class InnerLifespan:
                 self.shutdown_answer = ("complete", "")
             self._shutdown_answered.set()
 
+    async def exited(self, seconds: float) -> BaseException | None:
+        """After a failed startup: wait up to ``seconds`` for the app to return and give what it raised."""
+        if self.task is not None and not self.task.done():
+            await asyncio.wait([self.task], timeout=seconds)
+        return self.error
+
     def _judge(self, exc: BaseException) -> None:
         summary = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         if self.startup is None:
             # Raising before reading the first message is how lifespan-less apps react to the scope; raising
             # after reading it is a startup that crashed.
             self.startup = ("failed", summary) if self._receives else ("unsupported", summary)
-        elif self._shutdown_requested.is_set() and self.shutdown_answer is None:
-            self.shutdown_answer = ("failed", summary)
+            if self._receives:
+                self.error = exc
+        elif self.startup[0] == "failed":  # Starlette sends startup.failed, then raises
+            self.error = exc
+        elif self._shutdown_requested.is_set() and (
+            self.shutdown_answer is None or self.shutdown_answer[0] == "failed"
+        ):
+            self.shutdown_answer = self.shutdown_answer or ("failed", summary)
+            self.error = exc
         elif self.startup[0] == "complete" and not self._shutdown_requested.is_set():
             logger.error("the wrapped app's lifespan raised while running", exc_info=exc)
         else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
@@ -30,6 +32,28 @@ logger = logging.getLogger("asgi_dbpool")
 _CURRENT: ContextVar[DBPoolMiddleware | None] = ContextVar("asgi_dbpool_middleware", default=None)
 
 __all__ = ["DEFAULT_STATS_PATH", "DBPoolMiddleware"]
+
+
+def is_asgi3(app: Any) -> bool:
+    """Whether ``app`` speaks ASGI 3 (``await app(scope, receive, send)``), judged as uvicorn's and Starlette's
+    ``TestClient``'s ``interface="auto"`` judge it: a class is ASGI 3 when its instances are awaitable, anything
+    else when it (or its ``__call__``) is a coroutine function."""
+    if inspect.isclass(app):
+        return hasattr(app, "__await__")
+    while isinstance(app, functools.partial):
+        app = app.func
+    return inspect.iscoroutinefunction(app) or (callable(app) and inspect.iscoroutinefunction(app.__call__))
+
+
+class ASGI2App:
+    """An ASGI 2 app (``app(scope)`` returns an ``await instance(receive, send)``) seen as an ASGI 3 one."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        instance = self.app(scope)
+        await instance(receive, send)
 
 
 class DBPoolMiddleware:
@@ -61,7 +85,7 @@ class DBPoolMiddleware:
         max_pending: int | None = None,
         production: bool = False,
     ) -> None:
-        self.app = app
+        self.app = app if is_asgi3(app) else ASGI2App(app)
         self.options = options = Options(
             stats_path=stats_path,
             stats_token=stats_token,
@@ -172,14 +196,13 @@ class DBPoolMiddleware:
                 state[STATE_KEY] = self
             lifecycle = self.lifecycle
             if kind == "websocket":
-                if lifecycle.shutting_down or lifecycle.server_stopping:
-                    await send({"type": "websocket.close", "code": 1001})
-                else:
-                    await lifecycle.connections.websocket(self.app, scope, receive, send)
+                await self._websocket(scope, receive, send)
                 return
-            if lifecycle.shutting_down:
-                await respond(send, 503, SHUTTING_DOWN, retry_after=self.retry_after, close=True)
-                return
+            if not lifecycle.serving:  # no lifespan is running: shutting down, or served as the bare app would
+                if lifecycle.state == "stopping":
+                    await respond(send, 503, SHUTTING_DOWN, retry_after=self.retry_after, close=True)
+                    return
+                await lifecycle.enter_unhosted()  # left in request_ended (connections.watched)
             # The HTTP hot path, inline: a counter and the request in flight, which is also the app's send.
             connections = lifecycle.connections
             connections.http_in_flight += 1
@@ -214,44 +237,89 @@ class DBPoolMiddleware:
                 if request.holding:  # it leaves connections behind: a leak check compares their task with its own
                     request.task = current_task()
                 connections.http_in_flight -= 1
-                if connections.drain_waiter is not None:  # shutdown waits for the last request
-                    connections.http_done()
+                if connections.watched:  # the shutdown's drain, or requests served without a lifespan
+                    await lifecycle.request_ended()
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        lifecycle = self.lifecycle
+        if lifecycle.state == "stopping" or (lifecycle.serving and lifecycle.server_stopping):
+            await send({"type": "websocket.close", "code": 1001})
+        elif lifecycle.serving:
+            await lifecycle.connections.websocket(self.app, scope, receive, send)
+        else:
+            await lifecycle.enter_unhosted()
+            try:
+                await lifecycle.connections.websocket(self.app, scope, receive, send)
+            finally:
+                await lifecycle.leave_unhosted()
+
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The lifespan conversation: one answer per server message, the work done by :class:`Lifecycle`.
 
-        A cancellation (uvicorn's second Ctrl+C, a server stopping during startup) closes everything and ends
-        the conversation quietly: a server prints whatever escapes here as a traceback.
+        A failed startup or shutdown raises after its ``*.failed`` message, as a bare app does: test clients
+        (Starlette's ``TestClient``, asgi-lifespan) learn of the failure only from that exception, and servers
+        stay quiet about it (uvicorn, granian) or raise from ``send`` already (hypercorn). It raises what the
+        wrapped app raised, or our own one-line :class:`StartupError`.
+
+        A cancellation during our startup or shutdown closes everything, then propagates. One while waiting for
+        the server's next message (uvicorn's second Ctrl+C: the server no longer waits for us) closes everything
+        and ends quietly: a server prints whatever escapes here as a traceback.
         """
         state = scope.get("state")
         if state is not None:
             state[STATE_KEY] = self
-        _CURRENT.set(self)  # the wrapped app's lifespan task is made below: it inherits this context
+        token = _CURRENT.set(self)  # the wrapped app's lifespan task is made below: it inherits this context
+        try:
+            await self._converse(receive, send, scope)
+        finally:
+            _CURRENT.reset(token)
+
+    async def _converse(self, receive: Receive, send: Send, scope: Scope) -> None:
         lifecycle = self.lifecycle
         try:
             message = await receive()
-            if message["type"] != "lifespan.startup":  # pragma: no cover - a server bug
-                raise RuntimeError(f"expected lifespan.startup, got {message['type']!r}.")
+        except asyncio.CancelledError:
+            return await self._forced_exit()
+        if message["type"] != "lifespan.startup":  # pragma: no cover - a server bug
+            raise RuntimeError(f"expected lifespan.startup, got {message['type']!r}.")
+        try:
             failure = await lifecycle.start(scope)
-            if failure is not None:
-                await send({"type": "lifespan.startup.failed", "message": failure})
-                return
-            await send({"type": "lifespan.startup.complete"})
+        except asyncio.CancelledError:
+            await lifecycle.close_after_cancel()
+            raise
+        if failure is not None:
+            line, error = failure
+            await send({"type": "lifespan.startup.failed", "message": line})
+            if error is not None:
+                raise error
+            return
+        await send({"type": "lifespan.startup.complete"})
+        try:
             message = await receive()
         except asyncio.CancelledError:
-            await lifecycle.abort()
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            return
+            return await self._forced_exit()
         if message["type"] != "lifespan.shutdown":  # pragma: no cover - a server bug
             logger.warning("expected lifespan.shutdown, got %r; shutting down anyway", message["type"])
-        answer, why = await lifecycle.shutdown()
-        if answer == "failed":
-            await send({"type": "lifespan.shutdown.failed", "message": why})
-        else:
+        try:
+            answer, why = await lifecycle.shutdown()
+        except asyncio.CancelledError:
+            await lifecycle.close_after_cancel()
+            raise
+        if answer != "failed":
             await send({"type": "lifespan.shutdown.complete"})
+            return
+        await send({"type": "lifespan.shutdown.failed", "message": why})
+        error = lifecycle.inner.error if lifecycle.inner is not None else None
+        if error is not None:
+            raise error
+
+    async def _forced_exit(self) -> None:
+        """Cancelled while waiting for the server (its forced exit): close everything, end quietly."""
+        await self.lifecycle.close_after_cancel()
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()

@@ -18,6 +18,10 @@ from ._tracker import PoolTracker
 
 logger = logging.getLogger("asgi_dbpool")
 
+#: Seconds a wrapped app that answered ``lifespan.startup.failed`` gets to return or raise (Starlette raises at
+#: once): the middleware raises that exception in turn, as the bare app would.
+APP_EXIT_TIMEOUT = 1.0
+
 
 class StartupError(RuntimeError):
     """Startup cannot go on: a database is unreachable, or an engine is already managed (one line for the server)."""

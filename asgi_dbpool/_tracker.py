@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
@@ -192,10 +193,11 @@ class PoolTracker:
         return {t for t in held | self.acquisition.acquiring if t is not None and t is not current and not t.done()}
 
     # -- closing -----------------------------------------------------------------------------
-    async def close_leaks(self) -> list[str]:
-        """Hard-invalidate every connection still checked out, while the loop runs; one WARNING each."""
+    async def close_leaks(self, only: Callable[[Checkout], bool] | None = None) -> list[str]:
+        """Hard-invalidate every connection still checked out (``only`` those it accepts), while the loop runs;
+        one WARNING each."""
         now = time.perf_counter()
-        leaks = list(self.checkouts.values())
+        leaks = [c for c in self.checkouts.values() if only is None or only(c)]
         reports = []
         for leak in leaks:
             text = leak.describe(now)

@@ -25,7 +25,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 import asgi_dbpool
-from asgi_dbpool import ConfigError, DBPoolMiddleware, PoolSettings, is_shutting_down
+from asgi_dbpool import ConfigError, DBPoolMiddleware, PoolSettings, StartupError, is_shutting_down
 from asgi_dbpool._registry import all_trackers
 from tests.conftest import backends
 from tests.helpers import LifespanDriver, cut_off_post
@@ -55,7 +55,8 @@ async def test_a_failed_inner_startup_leaves_no_task_running(
     app = DBPoolMiddleware(Starlette(lifespan=lifespan), engine, leak_threshold=30)
     driver = LifespanDriver(app)
     answer = await driver.startup()
-    await driver.task  # type: ignore[misc]
+    with pytest.raises(RuntimeError, match=r"^cache warm-up failed$"):
+        await driver.task  # type: ignore[misc]
     assert answer["type"] == "lifespan.startup.failed"
     assert answer["message"].endswith("RuntimeError: cache warm-up failed\n")  # Starlette's message, forwarded
     assert driver.types() == ["lifespan.startup.failed"]
@@ -82,11 +83,13 @@ async def test_any_exception_in_our_startup_answers_failed_once_and_closes_every
     app = DBPoolMiddleware(Starlette(), engine, leak_threshold=30)
     driver = LifespanDriver(app)
     answer = await driver.startup()
-    await driver.task  # type: ignore[misc]
+    with pytest.raises(StartupError) as raised:
+        await driver.task  # type: ignore[misc]
     assert answer == {
         "type": "lifespan.startup.failed",
         "message": "asgi_dbpool: startup failed: KeyError: 'max_connections'",
     }
+    assert (str(raised.value), raised.value.__cause__, raised.value.__context__) == (answer["message"], None, None)
     assert driver.types() == ["lifespan.startup.failed"]
     assert our_tasks() == []
     assert engine.pool.checkedin() == 0
@@ -98,7 +101,8 @@ async def test_any_exception_in_our_startup_answers_failed_once_and_closes_every
 
 
 async def test_a_cancelled_startup_closes_what_it_opened(make_engine: Callable[..., AsyncEngine]) -> None:
-    """A server cancelling the lifespan during the app's own startup: everything closed, the task ends quietly."""
+    """A server cancelling the lifespan during the app's own startup: everything closed, then the cancellation
+    propagates (asgi-lifespan's startup_timeout, a task group); the app can start again."""
     engine = make_engine()
     in_startup = asyncio.Event()
 
@@ -114,11 +118,13 @@ async def test_a_cancelled_startup_closes_what_it_opened(make_engine: Callable[.
     await in_startup.wait()
     assert driver.task is not None
     driver.task.cancel()
-    await driver.task
+    with pytest.raises(asyncio.CancelledError):
+        await driver.task
     asking.cancel()
     assert driver.types() == []  # the server asked for the cancellation: no answer is owed
     assert our_tasks() == []
     assert engine.pool.checkedin() == 0
+    assert app.lifecycle.state == "stopped"
 
 
 async def test_one_app_starting_does_not_clear_another_apps_shutdown(make_engine: Callable[..., AsyncEngine]) -> None:

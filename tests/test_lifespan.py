@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from asgi_dbpool import DBPoolMiddleware, is_shutting_down
+from asgi_dbpool import DBPoolMiddleware, StartupError, is_shutting_down
 from tests.conftest import backends
 from tests.helpers import LifespanDriver
 
@@ -91,7 +91,8 @@ async def test_inner_startup_failure_is_forwarded_and_engines_closed(
     app = DBPoolMiddleware(Starlette(lifespan=lifespan), engine)
     driver = LifespanDriver(app)
     answer = await driver.startup()
-    await driver.task  # type: ignore[misc]
+    with pytest.raises(RuntimeError, match=r"^cache warm-up failed$"):  # raised on, as the bare app does
+        await driver.task  # type: ignore[misc]
     assert answer["type"] == "lifespan.startup.failed"
     assert "cache warm-up failed" in answer["message"]
     assert driver.types() == ["lifespan.startup.failed"]
@@ -105,7 +106,8 @@ async def test_inner_app_crashing_after_reading_startup_fails_startup(make_engin
 
     driver = LifespanDriver(DBPoolMiddleware(crashing, make_engine()))
     assert await driver.startup() == {"type": "lifespan.startup.failed", "message": "ValueError: bad config"}
-    await driver.task  # type: ignore[misc]
+    with pytest.raises(ValueError, match=r"^bad\nconfig$"):
+        await driver.task  # type: ignore[misc]
     assert driver.types() == ["lifespan.startup.failed"]
 
 
@@ -119,7 +121,9 @@ async def test_inner_shutdown_failure_is_forwarded_after_disposal(make_engine: C
 
     driver = LifespanDriver(DBPoolMiddleware(Starlette(lifespan=lifespan), engine))
     await driver.startup()
-    answer = await driver.shutdown()
+    with pytest.raises(RuntimeError, match=r"^flush failed$"):  # raised on after shutdown.failed
+        await driver.shutdown()
+    answer = driver.sent[-1]
     assert answer["type"] == "lifespan.shutdown.failed"
     assert "flush failed" in answer["message"]
     assert driver.types() == ["lifespan.startup.complete", "lifespan.shutdown.failed"]
@@ -138,7 +142,11 @@ async def test_unreachable_database_fails_startup_with_one_masked_line(url: str,
     engine = create_async_engine(url)
     driver = LifespanDriver(DBPoolMiddleware(returning_app, {"primary": engine}, startup_timeout=5))
     answer = await driver.startup()
-    await driver.task  # type: ignore[misc]
+    with pytest.raises(StartupError) as raised:
+        await driver.task  # type: ignore[misc]
+    assert str(raised.value) == answer["message"]  # the one line, and nothing chained to it
+    assert raised.value.__cause__ is None
+    assert raised.value.__suppress_context__
     assert driver.types() == ["lifespan.startup.failed"]
     message = answer["message"]
     assert message.startswith("asgi_dbpool: cannot reach database 'primary' at postgresql+asyncpg://app:***@")
@@ -213,7 +221,8 @@ async def test_a_second_running_middleware_on_one_engine_is_refused(
         )  # the running owner's options stay
         driver = LifespanDriver(second)
         answer = await driver.startup()
-        await driver.task  # type: ignore[misc]
+        with pytest.raises(StartupError, match="already managed by another running DBPoolMiddleware"):
+            await driver.task  # type: ignore[misc]
         assert driver.types() == ["lifespan.startup.failed"]
         assert answer["message"].startswith(expected[0])
         assert answer["message"].endswith(expected[1])
@@ -226,7 +235,8 @@ async def test_a_second_running_middleware_on_one_engine_is_refused(
     # Wrapping twice: the inner middleware's startup fails, and the outer forwards it.
     driver = LifespanDriver(nested)
     answer = await driver.startup()
-    await driver.task  # type: ignore[misc]
+    with pytest.raises(StartupError, match="already managed by another running DBPoolMiddleware"):
+        await driver.task  # type: ignore[misc]
     assert driver.types() == ["lifespan.startup.failed"]
     assert answer["message"].endswith(expected[1])
     assert engine.pool.checkedin() == 0  # the outer one closed what it had opened
