@@ -21,6 +21,7 @@ from ._monitor import PoolMonitor
 from ._options import DEFAULT_STATS_PATH, Options
 from ._registry import name_engines, tracker_for
 from ._respond import POOL_EXHAUSTED, SHUTTING_DOWN, respond
+from ._startup import StartupError
 from ._stats import PoolStatsApp, route_path
 from ._tracker import PoolTracker
 from ._types import STATE_KEY, ASGIApp, Receive, Scope, Send
@@ -54,6 +55,16 @@ class ASGI2App:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         instance = self.app(scope)
         await instance(receive, send)
+
+
+def _prints_raised(send: Send) -> bool:
+    """Whether the server prints the traceback of an exception raised after ``lifespan.startup.failed``: granian
+    does (its ``LifespanProtocol`` logs it), after it printed the message already. Our own failure then ends
+    there, in its one line; an exception of the wrapped app is raised as the bare app raises it. (Judged by the
+    module of the bound ``send``: granian has no public marker; tests/test_server_output.py runs the lowest and
+    newest granian.)"""
+    owner = getattr(send, "__self__", None)
+    return type(owner).__module__.startswith("granian")
 
 
 class DBPoolMiddleware:
@@ -273,49 +284,46 @@ class DBPoolMiddleware:
         if state is not None:
             state[STATE_KEY] = self
         token = _CURRENT.set(self)  # the wrapped app's lifespan task is made below: it inherits this context
-        try:
-            await self._converse(receive, send, scope)
-        finally:
-            _CURRENT.reset(token)
-
-    async def _converse(self, receive: Receive, send: Send, scope: Scope) -> None:
         lifecycle = self.lifecycle
         try:
-            message = await receive()
-        except asyncio.CancelledError:
-            return await self._forced_exit()
-        if message["type"] != "lifespan.startup":  # pragma: no cover - a server bug
-            raise RuntimeError(f"expected lifespan.startup, got {message['type']!r}.")
-        try:
-            failure = await lifecycle.start(scope)
-        except asyncio.CancelledError:
-            await lifecycle.close_after_cancel()
-            raise
-        if failure is not None:
-            line, error = failure
-            await send({"type": "lifespan.startup.failed", "message": line})
+            try:
+                message = await receive()
+            except asyncio.CancelledError:
+                return await self._forced_exit()
+            if message["type"] != "lifespan.startup":  # pragma: no cover - a server bug
+                raise RuntimeError(f"expected lifespan.startup, got {message['type']!r}.")
+            try:
+                failure = await lifecycle.start(scope)
+            except asyncio.CancelledError:
+                await lifecycle.close_after_cancel()
+                raise
+            if failure is not None:
+                line, error = failure
+                await send({"type": "lifespan.startup.failed", "message": line})
+                if error is not None and not (isinstance(error, StartupError) and _prints_raised(send)):
+                    raise error
+                return
+            await send({"type": "lifespan.startup.complete"})
+            try:
+                message = await receive()
+            except asyncio.CancelledError:
+                return await self._forced_exit()
+            if message["type"] != "lifespan.shutdown":  # pragma: no cover - a server bug
+                logger.warning("expected lifespan.shutdown, got %r; shutting down anyway", message["type"])
+            try:
+                answer, why = await lifecycle.shutdown()
+            except asyncio.CancelledError:
+                await lifecycle.close_after_cancel()
+                raise
+            if answer != "failed":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+            await send({"type": "lifespan.shutdown.failed", "message": why})
+            error = lifecycle.inner.error if lifecycle.inner is not None else None
             if error is not None:
                 raise error
-            return
-        await send({"type": "lifespan.startup.complete"})
-        try:
-            message = await receive()
-        except asyncio.CancelledError:
-            return await self._forced_exit()
-        if message["type"] != "lifespan.shutdown":  # pragma: no cover - a server bug
-            logger.warning("expected lifespan.shutdown, got %r; shutting down anyway", message["type"])
-        try:
-            answer, why = await lifecycle.shutdown()
-        except asyncio.CancelledError:
-            await lifecycle.close_after_cancel()
-            raise
-        if answer != "failed":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
-        await send({"type": "lifespan.shutdown.failed", "message": why})
-        error = lifecycle.inner.error if lifecycle.inner is not None else None
-        if error is not None:
-            raise error
+        finally:
+            _CURRENT.reset(token)
 
     async def _forced_exit(self) -> None:
         """Cancelled while waiting for the server (its forced exit): close everything, end quietly."""
