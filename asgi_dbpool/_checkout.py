@@ -93,9 +93,8 @@ class InFlight:
         return f"{scope.get('method', 'WEBSOCKET')} {getattr(route, 'path', None) or scope.get('path', '?')}"
 
 
-#: The request or WebSocket being served in this context, set by the middleware for each call. An HTTP request
-#: does not reset it (one less context operation per request): a server runs each request in a task of its
-#: own, and an in-process caller's task keeps a finished request, which every reader skips (``done``).
+#: The request or WebSocket being served in this context, set by the middleware for each call and reset when the
+#: call ends: a wrapped sub-app called from a wrapped app in the same task gives the outer request back.
 current_request: ContextVar[InFlight | None] = ContextVar("asgi_dbpool_request", default=None)
 
 

@@ -9,6 +9,7 @@ returns the one answer the middleware gives the server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import weakref
@@ -25,7 +26,7 @@ from ._parse import mask_url
 from ._records import fields
 from ._registry import PGBOUNCER_MODES
 from ._shutdown import CONNECTION_CLOSE_TIMEOUT, FORCE_EXIT_BUDGET, ShutdownClock, close_engines
-from ._signals import DeferredTermination, on_stop_signal
+from ._signals import DeferredTermination, noting_stop_signals, on_stop_signal
 from ._startup import APP_EXIT_TIMEOUT, StartupError, check_budget, check_reachable, pool_logger_names, watch_leaks
 from ._tracker import PoolTracker
 from ._types import ASGIApp, Scope
@@ -62,7 +63,10 @@ class Lifecycle:
         self.warned_unhosted = False
         self.unhosted_in_flight = 0  # requests and WebSockets served without a lifespan, now
         self.unhosted_closing: asyncio.Future[None] | None = None
-        self.server_stopping = False  # the server's shutdown trigger fired (see DBPoolMiddleware.shutdown_trigger)
+        # The server began to stop: its shutdown trigger fired (see DBPoolMiddleware.shutdown_trigger), or a stop
+        # signal came while running.
+        self.server_stopping = False
+        self.signal_watch = contextlib.ExitStack()
         self.tasks: set[asyncio.Task[Any]] = set()  # registered by the app: cancelled before its own shutdown
         self.monitor_task: asyncio.Task[None] | None = None
         self.leak_task: asyncio.Task[None] | None = None
@@ -167,6 +171,9 @@ class Lifecycle:
         else:
             if outcome != "failed":
                 self.state = "running"
+                # From now on a stop signal tells a request cancelled by the server (its graceful timeout ran
+                # out) from any other cancellation, which is the caller's (see DBPoolMiddleware.__call__).
+                self.signal_watch.enter_context(noting_stop_signals(self._signalled))
                 return None
             # Starlette sends startup.failed, then raises: what it raises is what a test client must see.
             failure, error = detail, await self.inner.exited(APP_EXIT_TIMEOUT)
@@ -401,8 +408,12 @@ class Lifecycle:
         self.shutting_down = True
         _guard.app_stopping(id(self))
 
+    def _signalled(self) -> None:
+        self.server_stopping = True
+
     def _stopped(self) -> None:
         self.state = "stopped"
+        self.signal_watch.close()
         _guard.app_stopped(id(self))
         self.termination.release()  # a SIGTERM held meanwhile ends the process now, as its default would have
 

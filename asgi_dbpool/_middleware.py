@@ -221,12 +221,15 @@ class DBPoolMiddleware:
             request.scope = scope
             request.server_send = send
             request.retry_after = self.retry_after
-            current_request.set(request)  # not reset: see current_request
+            token = current_request.set(request)
             try:
                 await self.app(scope, receive, request.send)
             except asyncio.CancelledError:
-                # Only a server cancels a request task: its graceful-shutdown timeout ran out, or it is
-                # force-exiting. Answer cleanly instead of a traceback and a 500 or a reset connection.
+                # A server stopping cancels request tasks (its graceful-shutdown timeout ran out, a forced exit):
+                # then answer cleanly instead of a traceback and a 500 or a reset connection. Any other
+                # cancellation (a timeout around the call, a task group, an outer middleware) is the caller's.
+                if not (lifecycle.server_stopping or lifecycle.shutting_down):
+                    raise
                 task = current_task()
                 if task is None:
                     raise
@@ -247,6 +250,7 @@ class DBPoolMiddleware:
                 request.done = True
                 if request.holding:  # it leaves connections behind: a leak check compares their task with its own
                     request.task = current_task()
+                current_request.reset(token)  # a caller in the same task (an outer wrapped app) gets its own back
                 connections.http_in_flight -= 1
                 if connections.watched:  # the shutdown's drain, or requests served without a lifespan
                     await lifecycle.request_ended()

@@ -59,6 +59,15 @@ def on_stop_signal(callback: Callable[[signal.Signals], None]) -> Iterator[None]
                 signal.signal(sig, previous)
 
 
+@contextlib.contextmanager
+def noting_stop_signals(note: Callable[[], None]) -> Iterator[None]:
+    """While the app runs, hear SIGINT and SIGTERM where a server handles them (its Python handler, or asyncio's):
+    ``note()`` runs in the loop, and the server's handler still runs, first. Nothing is owned: a signal whose
+    handler is the default action or ignored is left alone, as in :func:`on_stop_signal`."""
+    with on_stop_signal(lambda sig: note()):
+        yield
+
+
 class DeferredTermination:
     """SIGTERM that nothing handles ends the process at once (its default action): a hypercorn worker, whose
     master sends it to the workers still running as soon as one worker exited, dies mid-startup or mid-drain with

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
 from typing import Any
 
 from asgi_dbpool._types import ASGIApp, Message
+
+STOP = (signal.SIGINT, signal.SIGTERM)
 
 
 class LifespanDriver:
@@ -105,9 +110,23 @@ class WebSocketPeer:
         return [m["type"] for m in self.sent]
 
 
+@contextlib.contextmanager
+def server_signal_handlers() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM handled as uvicorn handles them while it serves (a Python handler that notes them and
+    asks the server to stop); the previous handlers are restored after. Enter it before the lifespan starts."""
+    heard: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: heard.append(signum)) for sig in STOP}
+    try:
+        yield heard
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 async def cut_off_post(app: ASGIApp, reached: asyncio.Event, msg: str | None = None) -> list[Message]:
-    """POST / to ``app`` in a task, wait until the handler set ``reached``, then cancel the task as a server
-    does (graceful timeout, force exit); return what the app sent. The task must end without an exception."""
+    """POST / to ``app`` in a task, wait until the handler set ``reached``, then stop as a server does: SIGINT
+    (see :func:`server_signal_handlers`), then the request task cancelled (graceful timeout, force exit); return
+    what the app sent. The task must end without an exception."""
     sent: list[Message] = []
 
     async def receive() -> Message:
@@ -119,6 +138,8 @@ async def cut_off_post(app: ASGIApp, reached: asyncio.Event, msg: str | None = N
     scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "query_string": b"", "root_path": ""}
     task = asyncio.create_task(app(scope, receive, send))
     await asyncio.wait_for(reached.wait(), 10)
+    signal.raise_signal(signal.SIGINT)
+    await asyncio.sleep(0.01)  # the middleware hears of it in the loop
     task.cancel(msg)
     await task  # the cancellation ended in an answer, not an exception for the server to print
     assert task.cancelling() == 0

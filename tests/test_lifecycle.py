@@ -28,7 +28,7 @@ import asgi_dbpool
 from asgi_dbpool import ConfigError, DBPoolMiddleware, PoolSettings, StartupError, is_shutting_down
 from asgi_dbpool._registry import all_trackers
 from tests.conftest import backends
-from tests.helpers import LifespanDriver, cut_off_post
+from tests.helpers import LifespanDriver, cut_off_post, server_signal_handlers
 
 pytestmark = pytest.mark.anyio
 
@@ -251,8 +251,9 @@ async def test_a_cancelled_request_gets_the_configured_retry_after(make_engine: 
         return PlainTextResponse("never")  # pragma: no cover
 
     app = DBPoolMiddleware(Starlette(routes=[Route("/", slow, methods=["POST"])]), engine, retry_after=17)
-    async with LifespanManager(app):
-        sent = await cut_off_post(app, in_query)
+    with server_signal_handlers():  # a server: its signal handlers, then the lifespan
+        async with LifespanManager(app):
+            sent = await cut_off_post(app, in_query)
     assert sent[0]["status"] == 503
     assert (b"retry-after", b"17") in sent[0]["headers"]
 

@@ -25,7 +25,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from asgi_dbpool import DBPoolMiddleware, PoolClosedError
 from tests.conftest import asyncpg_dsn, backends
-from tests.helpers import LifespanDriver, WebSocketPeer, cut_off_post
+from tests.helpers import LifespanDriver, WebSocketPeer, cut_off_post, server_signal_handlers
 
 pytestmark = pytest.mark.anyio
 THIS_FILE = __file__
@@ -469,8 +469,9 @@ async def test_a_request_cancelled_by_the_server_gets_a_clean_503(
 
     app = DBPoolMiddleware(Starlette(routes=[Route("/", write, methods=["POST"])]), engine)
     caplog.set_level(logging.WARNING, logger="asgi_dbpool")
-    async with LifespanManager(app):
-        sent = await cut_off_post(app, in_query, "Task cancelled, timeout graceful shutdown exceeded")
+    with server_signal_handlers():  # a server: its signal handlers, then the lifespan
+        async with LifespanManager(app):
+            sent = await cut_off_post(app, in_query, "Task cancelled, timeout graceful shutdown exceeded")
     assert sent[0]["status"] == 503
     assert (b"connection", b"close") in sent[0]["headers"]
     assert messages(caplog, logging.WARNING) == [
@@ -579,8 +580,9 @@ async def test_a_request_cancelled_after_its_commit_gets_500_without_retry_after
 
     app = DBPoolMiddleware(Starlette(routes=[Route("/", write, methods=["POST"])]), engine)
     caplog.set_level(logging.WARNING, logger="asgi_dbpool")
-    async with LifespanManager(app):
-        sent = await cut_off_post(app, committed)
+    with server_signal_handlers():  # a server: its signal handlers, then the lifespan
+        async with LifespanManager(app):
+            sent = await cut_off_post(app, committed)
     assert sent[0]["status"] == 500
     assert b"retry-after" not in dict(sent[0]["headers"])
     assert messages(caplog, logging.WARNING) == ["POST / was cancelled by the server after it committed; answering 500"]
