@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from ._records import fields
 from ._respond import POOL_EXHAUSTED, respond
+from ._types import STATE_KEY
 
 if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
@@ -89,8 +90,18 @@ class InFlight:
     def route(self) -> str:
         """``METHOD /route/template`` (the matched route's path where the framework records it, else the path)."""
         scope = self.scope
-        route = scope.get("route")
-        return f"{scope.get('method', 'WEBSOCKET')} {getattr(route, 'path', None) or scope.get('path', '?')}"
+        return f"{scope.get('method', 'WEBSOCKET')} {self._template() or scope.get('path', '?')}"
+
+    def route_template(self) -> str | None:
+        """``METHOD /route/template`` where the framework recorded the matched route (Starlette and FastAPI:
+        ``scope["route"]``; Litestar: ``scope["path_template"]``), else None: never the raw path."""
+        template = self._template()
+        return f"{self.scope.get('method', 'WEBSOCKET')} {template}" if template else None
+
+    def _template(self) -> str | None:
+        scope = self.scope
+        template = getattr(scope.get("route"), "path", None) or scope.get("path_template")
+        return template if isinstance(template, str) and template else None
 
 
 #: The request or WebSocket being served in this context, set by the middleware for each call and reset when the
@@ -110,25 +121,60 @@ def on_session_commit(session: Session) -> None:
         request.committed = True
         # A COMMIT that matters: a transaction holds a connection, or the flush in this commit writes changes.
         if request.responded and (request.holding or session.new or session.dirty or session.deleted):
-            _late_commit(request.route())
+            state = request.scope.get("state")
+            late = getattr(state.get(STATE_KEY) if state else None, "late_commits", None)
+            if late is not None and not _in_background_task():
+                late.note(request)
 
 
-#: ORM commits that started after their request's response had gone out, per route (``METHOD /template``).
-LATE_COMMITS: dict[str, int] = {}
+#: Where the frameworks run a response's background tasks (after the response, by design).
+BACKGROUND_TASK_FILES = ("/starlette/background.py", "/litestar/background_tasks.py")
 
 
-def _late_commit(route: str) -> None:
-    first = route not in LATE_COMMITS
-    LATE_COMMITS[route] = LATE_COMMITS.get(route, 0) + 1
-    if first:
-        logger.warning(
-            "%s: an ORM commit started after the response was sent: the client was told it succeeded before the "
-            "COMMIT, which can still fail or be cut by a shutdown (FastAPI runs the code after `yield` in a "
-            "dependency once the response is out). Commit in the endpoint, or declare the dependency with "
-            'Depends(..., scope="function")',
-            route,
-            extra=fields("late_commit", route=route),
-        )
+def _in_background_task() -> bool:
+    """Whether this commit runs in a background task of the response (FastAPI's ``BackgroundTasks``, Starlette's,
+    Litestar's): started after the response by design, not a commit the client was told about. Read only for a
+    commit after the response: a walk of the caller's frames."""
+    glet: Any = getcurrent()
+    frame: FrameType | None = sys._getframe(1)
+    while True:  # across greenlets: the ORM's commit runs in one SQLAlchemy spawned under the awaiting code
+        while frame is not None:
+            if frame.f_code.co_filename.endswith(BACKGROUND_TASK_FILES):
+                return True
+            frame = frame.f_back
+        glet = glet.parent
+        if glet is None:
+            return False
+        frame = glet.gr_frame
+
+
+class LateCommits:
+    """One app's ORM commits that started after their request's response had gone out, per route template
+    (``METHOD /items/{item_id}``): a request with no template (raw ASGI, a 404) and routes past
+    :attr:`MAX_ROUTES` count as ``other``, so the labels stay bounded whatever the paths. One WARNING per route."""
+
+    MAX_ROUTES = 100
+    OTHER = "other"
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def note(self, request: InFlight) -> None:
+        route = request.route_template() or self.OTHER
+        counts = self.counts
+        if route not in counts and len(counts) >= self.MAX_ROUTES:
+            route = self.OTHER
+        first = route not in counts
+        counts[route] = counts.get(route, 0) + 1
+        if first:
+            logger.warning(
+                "%s: an ORM commit started after the response was sent: the client was told it succeeded before "
+                "the COMMIT, which can still fail or be cut by a shutdown (FastAPI runs the code after `yield` in "
+                "a dependency once the response is out). Commit in the endpoint, or declare the dependency with "
+                'Depends(..., scope="function")',
+                route,
+                extra=fields("late_commit", route=route),
+            )
 
 
 def _is_internal(filename: str) -> bool:

@@ -7,9 +7,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from ._checkout import LATE_COMMITS
 from ._histogram import BUCKETS, Histogram
 from ._tracker import PoolTracker
 
@@ -67,7 +66,9 @@ HISTOGRAMS: tuple[tuple[str, str, Callable[[PoolTracker], Histogram]], ...] = (
 )
 
 
-def families(trackers: Iterable[PoolTracker], version: str) -> Iterator[Family]:
+def families(
+    trackers: Iterable[PoolTracker], version: str, late_commits: Mapping[str, int] | None = None
+) -> Iterator[Family]:
     """Every metric family of these pools, read now."""
     trackers = list(trackers)
     info = [("", {"pid": str(os.getpid()), "version": version}, 1.0)]
@@ -82,7 +83,10 @@ def families(trackers: Iterable[PoolTracker], version: str) -> Iterator[Family]:
         yield Family(name, "gauge", doc, [("", {"pool_name": t.name}, read(t)) for t in trackers])
     for name, doc, count in COUNTERS:
         yield Family(name, "counter", doc, [("_total", {"pool_name": t.name}, count(t)) for t in trackers])
-    late: list[tuple[str, Labels, float]] = [("_total", {"route": r}, n) for r, n in sorted(LATE_COMMITS.items())]
+    # One app's (the middleware's LateCommits), by route template: none for a collector of engines alone.
+    late: list[tuple[str, Labels, float]] = [
+        ("_total", {"route": r}, n) for r, n in sorted((late_commits or {}).items())
+    ]
     yield Family(
         "asgi_dbpool_commits_after_response",
         "counter",
@@ -101,10 +105,16 @@ def families(trackers: Iterable[PoolTracker], version: str) -> Iterator[Family]:
         yield Family(name, "histogram", doc, samples)
 
 
-def render(trackers: Iterable[PoolTracker], version: str, *, openmetrics: bool = False) -> str:
+def render(
+    trackers: Iterable[PoolTracker],
+    version: str,
+    *,
+    openmetrics: bool = False,
+    late_commits: Mapping[str, int] | None = None,
+) -> str:
     """The families in the Prometheus text format 0.0.4, or OpenMetrics 1.0 (``# EOF`` terminated)."""
     lines: list[str] = []
-    for family in families(trackers, version):
+    for family in families(trackers, version, late_commits):
         # In 0.0.4 the HELP and TYPE lines name a counter's sample (x_total), as prometheus_client writes them;
         # in OpenMetrics they name the family (x).
         named = family.name + "_total" if family.kind == "counter" and not openmetrics else family.name

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from . import _otel
 from ._advice import Topology, workers_from_env
-from ._checkout import InFlight, current_request, current_task
+from ._checkout import InFlight, LateCommits, current_request, current_task
 from ._connections import SERVICE_RESTART, answer_cancelled
 from ._lifecycle import Lifecycle
 from ._monitor import PoolMonitor
@@ -127,7 +127,16 @@ class DBPoolMiddleware:
         self.stats_path = options.stats_path
         self.opentelemetry = _otel.enroll(self.all_trackers())
         self.sessionmakers = {name: async_sessionmaker(eng, expire_on_commit=False) for name, eng in named.items()}
-        self.stats_app = PoolStatsApp(named, token=options.stats_token, shutting_down=lambda: self.shutting_down)
+        #: This app's ORM commits that started after their response went out (its /metrics shows them).
+        self.late_commits = LateCommits()
+        # The pool endpoints show the sync_engines too ("sync:0", ...), as PoolCollector and OpenTelemetry do.
+        shown = {**named, **{tracker.name: tracker.engine for tracker in sync_trackers}}
+        self.stats_app = PoolStatsApp(
+            shown,
+            token=options.stats_token,
+            shutting_down=lambda: self.shutting_down,
+            late_commits=self.late_commits.counts,
+        )
 
     # -- public helpers ----------------------------------------------------------------------------
     @classmethod

@@ -6,7 +6,7 @@ import hmac
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._advice import advise
@@ -44,6 +44,7 @@ class PoolStatsApp:
         token: str | None = None,
         *,
         shutting_down: Callable[[], bool] = is_shutting_down,
+        late_commits: Mapping[str, int] | None = None,
     ) -> None:
         if token is not None and not token:
             raise ValueError("stats_token='' would accept no request; pass None to turn auth off.")
@@ -52,6 +53,7 @@ class PoolStatsApp:
         self.names = list(named)
         self._token = None if token is None else token.encode()
         self._shutting_down = shutting_down
+        self._late_commits = late_commits  # the middleware's (its app's commits after the response)
 
     def figures(self) -> dict[str, Any]:
         """The JSON document the endpoint answers."""
@@ -101,7 +103,9 @@ class PoolStatsApp:
             if sub == "metrics":
                 accept = dict(scope.get("headers") or []).get(b"accept", b"").decode("latin-1")
                 openmetrics = wants_openmetrics(accept)
-                data = render(self.trackers, __version__, openmetrics=openmetrics).encode()
+                data = render(
+                    self.trackers, __version__, openmetrics=openmetrics, late_commits=self._late_commits
+                ).encode()
                 kind = OPENMETRICS_1_0 if openmetrics else TEXT_0_0_4
                 await _send(send, 200, data, head, [(b"content-type", kind.encode())])
                 return

@@ -46,7 +46,9 @@ class PoolCollector(Collector):
         return [tracker_for(engine, name) for name, engine in name_engines(source).items()]
 
     def collect(self) -> Iterator[Metric]:
-        for family in families(self._trackers(), __version__):
+        source = self._source
+        late = source.late_commits.counts if isinstance(source, DBPoolMiddleware) else None
+        for family in families(self._trackers(), __version__, late):
             metric = Metric(family.name, family.doc, family.kind)
             for suffix, labels, value in family.samples:
                 metric.add_sample(family.name + suffix, labels, value)

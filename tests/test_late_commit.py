@@ -13,7 +13,7 @@ import fastapi
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from fastapi import Depends, FastAPI
+from fastapi import BackgroundTasks, Depends, FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -88,3 +88,62 @@ async def test_a_commit_after_the_response_is_reported_once_per_route(
         assert {r: n for r, n in grew.items() if n} == ({route: 2} if HAS_SCOPE else {route: 2, "POST /scoped": 1})
     else:  # the dependency's teardown ran before the response: nothing to report
         assert (warnings, {r: n for r, n in grew.items() if n}) == ([], {})
+
+
+async def test_late_commits_are_per_app_by_template_and_not_for_background_tasks(
+    make_engine: Callable[..., AsyncEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: one process-global table (every app's /metrics showed every app's routes), raw paths as labels for
+    raw ASGI apps, and a commit in a ``BackgroundTasks`` task (after the response by design) counted and warned."""
+    engine = make_engine()
+    maker = async_sessionmaker(engine)
+
+    async def get_db() -> AsyncIterator[AsyncSession]:
+        async with maker() as session:
+            yield session
+            await session.commit()  # after the response, on FastAPI 0.118+
+
+    async def in_background() -> None:
+        async with maker() as session:
+            await session.execute(text("SELECT 1"))
+            await session.commit()
+
+    api = FastAPI()
+
+    @api.post("/late/{n}", status_code=201)
+    async def late(n: int, db: AsyncSession = Depends(get_db)) -> dict[str, int]:  # noqa: B008
+        await db.execute(text("SELECT CAST(:n AS int)"), {"n": n})
+        return {"n": n}
+
+    @api.post("/background", status_code=202)
+    async def background(tasks: BackgroundTasks) -> dict[str, bool]:
+        tasks.add_task(in_background)
+        return {"queued": True}
+
+    async def raw(scope: dict[str, Any], receive: Any, send: Any) -> None:  # no route template: "other"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+        async with maker() as session:
+            await session.execute(text("SELECT 1"))
+            await session.commit()
+
+    first, second = DBPoolMiddleware(api, engine), DBPoolMiddleware(raw, make_engine())
+    caplog.set_level(logging.WARNING, logger="asgi_dbpool")
+    async with (
+        LifespanManager(first),
+        LifespanManager(second),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=first), base_url="http://t") as one,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=second), base_url="http://t") as two,
+    ):
+        statuses = [(await one.post(path)).status_code for path in ["/late/1", "/late/2", "/background"]]
+        statuses += [(await two.get(f"/raw/{n}")).status_code for n in range(3)]
+        first_metrics = late_commits((await one.get("/api/system/database/pool/metrics")).text)
+        second_metrics = late_commits((await two.get("/api/system/database/pool/metrics")).text)
+    assert statuses == [201, 201, 202, 200, 200, 200]
+    if COMMITS_AFTER_RESPONSE:
+        assert first_metrics == {"POST /late/{n}": 2}
+    else:
+        assert first_metrics == {}
+    assert second_metrics == {"other": 3}
+    warned = sorted(r.figures["route"] for r in caplog.records if getattr(r, "step", None) == "late_commit")  # type: ignore[attr-defined]
+    assert warned == (["POST /late/{n}", "other"] if COMMITS_AFTER_RESPONSE else ["other"])
