@@ -103,10 +103,20 @@ async def test_legacy_sync_engine_warns_and_is_disposed(
         return int(session.execute(text("SELECT 9")).scalar_one())
 
     app = DBPoolMiddleware(Starlette(), engine, sync_engines=[sync_engine])
-    async with LifespanManager(app):
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as client,
+    ):
         result: list[int] = []
         thread = threading.Thread(target=lambda: result.append(legacy_query()))
         thread.start()
         thread.join()
         assert result == [9]
+        # The sync engine is in the pool figures and metrics, by its name, holding the leaked session's connection.
+        figures = (await client.get("/api/system/database/pool")).json()
+        metrics = (await client.get("/api/system/database/pool/metrics")).text
+    assert list(figures["engines"]) == ["default", "sync:0"]
+    assert (figures["default_engine"], figures["checked_out"]) == ("default", 0)  # the top level: the default's
+    assert figures["engines"]["sync:0"]["checked_out"] == 1
+    assert 'db_client_connection_count{pool_name="sync:0",state="used"} 1.0' in metrics
     assert await wait_for_no_backends(database_url, "legacy_sync_test") == 0
