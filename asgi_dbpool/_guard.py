@@ -6,6 +6,7 @@ import functools
 import inspect
 import logging
 import types
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
@@ -15,10 +16,11 @@ P = ParamSpec("P")
 T = TypeVar("T")
 D = TypeVar("D")
 
-# The process-wide flag, from every app's lifecycle (keyed by the lifecycle's id) and the manual mark.
+# The process-wide flag, from every app's lifecycle (the lifecycle itself, weakly: an id() can be reused by
+# another object once the first is gone) and the manual mark.
 _marked = False
-_running: set[int] = set()
-_stopping: set[int] = set()
+_running: weakref.WeakSet[Any] = weakref.WeakSet()
+_stopping: weakref.WeakSet[Any] = weakref.WeakSet()
 _stopped = False  # an app in this process has finished its shutdown
 
 #: Messages that mean "the event loop is gone", as asyncio and asyncpg word them.
@@ -50,19 +52,19 @@ def clear_shutting_down() -> None:
     _running.clear()
 
 
-def app_started(key: int) -> None:
+def app_started(key: object) -> None:
     global _marked
     _marked = False
     _stopping.discard(key)
     _running.add(key)
 
 
-def app_stopping(key: int) -> None:
+def app_stopping(key: object) -> None:
     _running.discard(key)
     _stopping.add(key)
 
 
-def app_stopped(key: int) -> None:
+def app_stopped(key: object) -> None:
     global _stopped
     _stopping.discard(key)
     _running.discard(key)

@@ -139,7 +139,7 @@ class Lifecycle:
         self.connections.watched = False
         self.shutting_down = self.server_stopping = False
         self.terminating = None
-        _guard.app_started(id(self))
+        _guard.app_started(self)
         task = asyncio.current_task()
         stopped_by: list[signal.Signals] = []
 
@@ -189,29 +189,22 @@ class Lifecycle:
             return ("not running", "")
         clock = ShutdownClock(self.options.shutdown_timeout)
         self._enter_shutdown()  # 1. the flag first
-        try:
-            logger.info("shutdown flag set (budget %.1fs)", clock.seconds, extra=fields("flag", budget=clock.seconds))
-            await self._close_websockets(clock)  # 2.
-            await self._drain_requests(clock)  # 3.
-            stopped = await clock.cancel_and_wait(  # 4.
-                [*self._own_tasks(), *self.tasks], "the monitor and registered tasks", clock.app_deadline
-            )
-            registered = max(stopped - len(self._own_tasks()), 0)
-            logger.info(
-                "monitor and %d registered task(s) stopped", registered, extra=fields("tasks", stopped=registered)
-            )
-            answer: tuple[Outcome, str] = ("not running", "")
-            if self.inner is not None:  # 5. the wrapped app's own shutdown (it may still use the database)
-                answer = await self.inner.stop(clock.left(clock.app_deadline))
-                if answer[0] == "timeout":
-                    logger.warning("%s; it was cancelled", answer[1])
-            await close_engines(self.all_trackers, clock)  # 6-7. refuse checkouts, reclaim, dispose
-            logger.info(
-                "shutdown finished in %.3fs", clock.elapsed(), extra=fields("finished", seconds=clock.elapsed())
-            )
-            self._stopped()
-        finally:  # whatever failed on the way, a SIGTERM held meanwhile still ends the process
-            self.termination.release()
+        logger.info("shutdown flag set (budget %.1fs)", clock.seconds, extra=fields("flag", budget=clock.seconds))
+        await self._close_websockets(clock)  # 2.
+        await self._drain_requests(clock)  # 3.
+        stopped = await clock.cancel_and_wait(  # 4.
+            [*self._own_tasks(), *self.tasks], "the monitor and registered tasks", clock.app_deadline
+        )
+        registered = max(stopped - len(self._own_tasks()), 0)
+        logger.info("monitor and %d registered task(s) stopped", registered, extra=fields("tasks", stopped=registered))
+        answer: tuple[Outcome, str] = ("not running", "")
+        if self.inner is not None:  # 5. the wrapped app's own shutdown (it may still use the database)
+            answer = await self.inner.stop(clock.left(clock.app_deadline))
+            if answer[0] == "timeout":
+                logger.warning("%s; it was cancelled", answer[1])
+        await close_engines(self.all_trackers, clock)  # 6-7. refuse checkouts, reclaim, dispose
+        logger.info("shutdown finished in %.3fs", clock.elapsed(), extra=fields("finished", seconds=clock.elapsed()))
+        self._stopped()
         return answer
 
     async def close_after_cancel(self) -> None:
@@ -388,16 +381,13 @@ class Lifecycle:
 
     async def _stop_everything(self, clock: ShutdownClock, level: int) -> None:
         """The forced paths' end: the app's lifespan, the monitor and registered tasks, every engine."""
-        try:
-            if self.inner is not None and self.inner.task is not None:
-                await clock.cancel_and_wait([self.inner.task], "the wrapped app's lifespan", clock.drain_deadline)
-            await clock.cancel_and_wait(
-                [*self._own_tasks(), *self.tasks], "the monitor and registered tasks", clock.app_deadline
-            )
-            await close_engines(self.all_trackers, clock, level)
-            self._stopped()
-        finally:  # whatever failed on the way, a SIGTERM held meanwhile still ends the process
-            self.termination.release()
+        if self.inner is not None and self.inner.task is not None:
+            await clock.cancel_and_wait([self.inner.task], "the wrapped app's lifespan", clock.drain_deadline)
+        await clock.cancel_and_wait(
+            [*self._own_tasks(), *self.tasks], "the monitor and registered tasks", clock.app_deadline
+        )
+        await close_engines(self.all_trackers, clock, level)
+        self._stopped()
 
     def _own_tasks(self) -> list[asyncio.Task[Any]]:
         return [task for task in (self.monitor_task, self.leak_task) if task is not None]
@@ -406,7 +396,7 @@ class Lifecycle:
         self.state = "stopping"
         self.serving = False
         self.shutting_down = True
-        _guard.app_stopping(id(self))
+        _guard.app_stopping(self)
 
     def _signalled(self) -> None:
         self.server_stopping = True
@@ -414,8 +404,19 @@ class Lifecycle:
     def _stopped(self) -> None:
         self.state = "stopped"
         self.signal_watch.close()
-        _guard.app_stopped(id(self))
-        self.termination.release()  # a SIGTERM held meanwhile ends the process now, as its default would have
+        _guard.app_stopped(self)
+
+    async def _shutdown_on_sigterm(self) -> tuple[Outcome, str]:
+        """The shutdown a held SIGTERM began (no server asked for it): the process ends once it is done."""
+        try:
+            return await self.shutdown()
+        finally:
+            self.release_termination()
+
+    def release_termination(self) -> None:
+        """The server has this app's last answer (or none is owed): a SIGTERM held meanwhile ends the process now,
+        as its default would have, once no other app of the process holds it."""
+        self.termination.release()
 
     def _terminated(self) -> None:
         """SIGTERM arrived where nothing else handles it (see :class:`DeferredTermination`). Starting: the handler
@@ -423,7 +424,7 @@ class Lifecycle:
         had asked; stopping: the shutdown under way goes on. Either way the process ends when it is done."""
         if self.state == "running":
             self.terminating = asyncio.get_running_loop().create_task(
-                self.shutdown(), name="asgi_dbpool: shutdown on SIGTERM"
+                self._shutdown_on_sigterm(), name="asgi_dbpool: shutdown on SIGTERM"
             )
         elif self.state in ("new", "stopped"):
             self.termination.release()

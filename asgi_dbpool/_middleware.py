@@ -316,7 +316,11 @@ class DBPoolMiddleware:
                 if error is not None and not (isinstance(error, StartupError) and _prints_raised(send)):
                     raise error
                 return
+            # A meter provider configured since construction (in the app's own startup, say) gets the histograms.
+            self.opentelemetry = _otel.enroll(self.all_trackers())
             await send({"type": "lifespan.startup.complete"})
+            if lifecycle.state == "stopped":  # a stop signal ended the startup: a SIGTERM held may end us now
+                lifecycle.release_termination()
             try:
                 message = await receive()
             except asyncio.CancelledError:
@@ -337,6 +341,8 @@ class DBPoolMiddleware:
                 raise error
         finally:
             _CURRENT.reset(token)
+            # The conversation is over, answered or cut: a SIGTERM held meanwhile may end the process now.
+            lifecycle.release_termination()
 
     async def _forced_exit(self) -> None:
         """Cancelled while waiting for the server (its forced exit): close everything, end quietly."""

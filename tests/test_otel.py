@@ -137,3 +137,51 @@ def test_no_histogram_is_recorded_without_an_sdk_provider() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout == "True [None, None, None]\n"
+
+
+LATE_PROVIDER = """
+import asyncio, contextlib, sys
+from asgi_lifespan import LifespanManager
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+from starlette.applications import Starlette
+from asgi_dbpool import DBPoolMiddleware
+
+reader = InMemoryMetricReader()
+
+@contextlib.asynccontextmanager
+async def lifespan(app):
+    metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))  # configured in the app's own startup
+    yield
+
+async def main():
+    engine = create_async_engine(sys.argv[1])
+    app = DBPoolMiddleware(Starlette(lifespan=lifespan), {"late_pool": engine})
+    async with LifespanManager(app):
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        data = reader.get_metrics_data()
+    counts = {
+        m.name: p.count
+        for r in data.resource_metrics for s in r.scope_metrics for m in s.metrics for p in m.data.data_points
+        if m.name.endswith("_time") and dict(p.attributes).get("db.client.connection.pool.name") == "late_pool"
+    }
+    print(sorted(counts.items()))
+
+asyncio.run(main())
+"""
+
+
+def test_a_provider_configured_after_construction_gets_the_histograms(database_url: str) -> None:
+    """Before: the provider was looked at once, at construction: an SDK configured later (here in the app's own
+    startup) never received a histogram point."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", LATE_PROVIDER, database_url], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.strip()
+    assert out == "[('db.client.connection.use_time', 1), ('db.client.connection.wait_time', 1)]"
