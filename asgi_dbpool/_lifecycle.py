@@ -261,7 +261,8 @@ class Lifecycle:
                 "'with', a server run with --lifespan off, Litestar's per-route middleware=[...]): no startup "
                 "check ran and the connections of such requests are closed when they end, so none outlives its "
                 "event loop; for normal pooling run the lifespan ('with TestClient(app)', "
-                "'async with LifespanManager(app)', or wrap the whole app)",
+                "'async with LifespanManager(app)'), wrap the whole app, or on Litestar use "
+                "asgi_dbpool.litestar.DBPoolPlugin",
                 extra=fields("no_lifespan"),
             )
         closing = self.unhosted_closing

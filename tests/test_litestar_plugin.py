@@ -286,11 +286,14 @@ async def test_control_middleware_given_per_route_is_inert(
     app = build(engine, events, middleware=[DefineMiddleware(DBPoolMiddleware, engine=engine)])
     with recording(events):
         async with AsyncTestClient(app) as client:
-            assert (await client.get("/value")).json() == {"value": 42}
+            assert [(await client.get("/value")).json() for _ in range(3)] == [{"value": 42}] * 3
             assert (await client.get(STATS)).status_code == 404
     assert "dbpool: startup checked" not in events
     assert "dbpool: shutdown begins" not in events
-    assert any("no lifespan is running" in r.getMessage() for r in caplog.records)
+    named = [r.getMessage() for r in caplog.records if r.name == "asgi_dbpool" and r.levelno == logging.WARNING]
+    assert len(named) == 1  # the misuse is named once, with its likely cause and the fix
+    assert named[0].startswith("DBPoolMiddleware is serving a request but no lifespan is running")
+    assert "Litestar's per-route middleware=[...]" in named[0]
 
 
 async def test_exhausted_pool_answers_503_with_retry_after(make_engine: Callable[..., AsyncEngine]) -> None:
