@@ -193,7 +193,7 @@ class DBPoolPlugin(InitPluginProtocol):
             _CURRENT.reset(run.token)
             # Litestar's conversation with the server ends with this hook: a SIGTERM held meanwhile (where the
             # server leaves it unhandled) may end the process now, everything closed.
-            self.middleware.lifecycle.termination.release()
+            self.middleware.lifecycle.release_termination()
 
     async def _begin(self) -> None:
         run = self._run
@@ -215,7 +215,7 @@ class DBPoolPlugin(InitPluginProtocol):
                 await asyncio.wait([stopping])
         lifecycle = self.middleware.lifecycle
         await lifecycle.close_after_cancel()
-        lifecycle.termination.release()
+        lifecycle.release_termination()
 
     # -- ASGI ----------------------------------------------------------------------------------
     def _route(self, app: ASGIApp) -> Any:
