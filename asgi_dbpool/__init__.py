@@ -3,14 +3,14 @@ SQLAlchemy's asyncio engine (asyncpg)."""
 
 from __future__ import annotations
 
-from ._acquire import PoolClosedError, PoolOverloadedError
-from ._guard import is_closed_loop_error, is_shutting_down, mark_shutting_down, shutdown_tolerant
-from ._logfilter import ShutdownNoiseFilter
-from ._middleware import DBPoolMiddleware
-from ._settings import ConfigError, PoolSettings, mask_url
-from ._startup import StartupError
-from ._stats import PoolStatsApp
 from ._version import __version__
+from .asgi.middleware import DBPoolMiddleware
+from .asgi.stats_app import PoolStatsApp
+from .config.settings import ConfigError, PoolSettings, mask_url
+from .lifecycle.log_filter import ShutdownNoiseFilter
+from .lifecycle.shutdown_flag import is_closed_loop_error, is_shutting_down, mark_shutting_down, shutdown_tolerant
+from .lifecycle.startup import StartupError
+from .pool.acquire import PoolClosedError, PoolOverloadedError
 
 __all__ = [
     "ConfigError",

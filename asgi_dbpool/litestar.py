@@ -4,7 +4,7 @@ Litestar imports are made only here, so ``import asgi_dbpool`` stays framework-f
 
 Litestar builds ``middleware=[...]`` per route: a middleware given that way never sees the lifespan (no startup
 check, no shutdown, no stats endpoint). The plugin owns one :class:`DBPoolMiddleware` instead and drives its
-:class:`~asgi_dbpool._lifecycle.Lifecycle` from Litestar's own lifespan, whose order is (``Litestar.lifespan``):
+:class:`~.lifecycle.lifecycle.Lifecycle` from Litestar's own lifespan, whose order is (``Litestar.lifespan``):
 the lifespan context managers are entered in list order, then the ``on_startup`` hooks run; at shutdown the
 managers exit in reverse order, then the ``on_shutdown`` hooks run in list order. So the plugin puts
 
@@ -41,11 +41,11 @@ from litestar.types import Scope as LitestarScope
 from litestar.types import Send as LitestarSend
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from ._middleware import _CURRENT, DBPoolMiddleware
-from ._options import MiddlewareOptions
-from ._records import fields
-from ._startup import StartupError
-from ._types import ASGIApp, Receive, Scope, Send
+from .asgi.middleware import _CURRENT, DBPoolMiddleware
+from .base.records import fields
+from .base.types import ASGIApp, Receive, Scope, Send
+from .config.options import MiddlewareOptions
+from .lifecycle.startup import StartupError
 
 if TYPE_CHECKING:
     from contextvars import Token

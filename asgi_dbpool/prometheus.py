@@ -21,11 +21,11 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ._metrics import families
-from ._middleware import DBPoolMiddleware
-from ._registry import all_trackers, name_engines, tracker_for
-from ._tracker import PoolTracker
 from ._version import __version__
+from .asgi.middleware import DBPoolMiddleware
+from .observe.metrics import families
+from .pool.registry import all_trackers, name_engines, tracker_for
+from .pool.tracker import PoolTracker
 
 __all__ = ["PoolCollector"]
 

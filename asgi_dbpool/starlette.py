@@ -15,8 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import HTTPConnection
 
-from ._middleware import DBPoolMiddleware
-from ._types import STATE_KEY
+from .asgi.middleware import DBPoolMiddleware
+from .base.types import STATE_KEY
 
 
 def middleware_of(conn: HTTPConnection) -> DBPoolMiddleware:

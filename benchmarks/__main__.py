@@ -191,7 +191,7 @@ async def bench_inprocess_db(url: str, rounds: int, n: int) -> str:
 async def bench_checkout(url: str, rounds: int, n: int) -> str:
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from asgi_dbpool._registry import tracker_for
+    from asgi_dbpool.pool.registry import tracker_for
 
     plain = create_async_engine(url, pool_size=5)
     tracked = create_async_engine(url, pool_size=5)

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 # The floors run the middleware's own parts (imported here: an import in a function is paid at every call).
-from asgi_dbpool._checkout import InFlight, checkout_frames, current_request
+from asgi_dbpool.asgi.request import InFlight, current_request
+from asgi_dbpool.pool.checkout import checkout_frames
 
 from .processes import free_port, wait_for_port, wrk
 

@@ -8,7 +8,7 @@ import signal
 from collections.abc import Iterator
 from typing import Any
 
-from asgi_dbpool._types import ASGIApp, Message
+from asgi_dbpool.base.types import ASGIApp, Message
 
 STOP = (signal.SIGINT, signal.SIGTERM)
 

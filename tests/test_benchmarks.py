@@ -109,10 +109,10 @@ def test_bytecode_counts_are_exact_whatever_the_layout(database_url: str) -> Non
     wrapped = count("DBPoolMiddleware", 0)
     assert count("DBPoolMiddleware", 3) == wrapped
     assert set(wrapped["own"]) == {
-        "_checkout._user_frames",
-        "_pool._do_get",
-        "_pool._do_return_conn",
-        "_checkout.checkout_frames",
+        "checkout._user_frames",
+        "tracked_pool._do_get",
+        "tracked_pool._do_return_conn",
+        "checkout.checkout_frames",
     }
     plain = count("plain engine", 0)
     assert plain["own"] == {}

@@ -16,7 +16,7 @@ from asgi_lifespan import LifespanManager
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from asgi_dbpool._settings import ENV_READERS
+from asgi_dbpool.config.settings import ENV_READERS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -14,7 +14,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.applications import Starlette
 
-from asgi_dbpool import DBPoolMiddleware, _otel
+from asgi_dbpool import DBPoolMiddleware
+from asgi_dbpool.observe import otel as _otel
 from asgi_dbpool.prometheus import PoolCollector
 from tests.helpers import LifespanDriver
 
@@ -132,7 +133,7 @@ async def test_a_live_engine_keeps_its_tracker(database_url: str) -> None:
 async def test_a_shared_tracker_is_listed_once(database_url: str) -> None:
     """An engine sharing a tracked pool (``execution_options``) shares its tracker: ``PoolCollector()`` reports it
     once, not once per engine."""
-    from asgi_dbpool._registry import all_trackers, tracker_for
+    from asgi_dbpool.pool.registry import all_trackers, tracker_for
 
     engine = create_async_engine(database_url)
     autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")

@@ -25,8 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
 from asgi_dbpool import DBPoolMiddleware
-from asgi_dbpool._metrics import render
 from asgi_dbpool._version import __version__
+from asgi_dbpool.observe.metrics import render
 from asgi_dbpool.prometheus import PoolCollector
 from tests.servers import Run, free_port
 

@@ -10,9 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from asgi_dbpool import ShutdownNoiseFilter, _logfilter, is_shutting_down, mark_shutting_down, shutdown_tolerant
-from asgi_dbpool._guard import clear_shutting_down
-from asgi_dbpool._tracker import PoolClosedError
+from asgi_dbpool import ShutdownNoiseFilter, is_shutting_down, mark_shutting_down, shutdown_tolerant
+from asgi_dbpool.lifecycle import log_filter as _logfilter
+from asgi_dbpool.lifecycle.shutdown_flag import clear_shutting_down
+from asgi_dbpool.pool.tracker import PoolClosedError
 
 pytestmark = pytest.mark.anyio
 
@@ -183,7 +184,7 @@ def test_asyncpg_cancel_warning_is_demoted_during_shutdown(shutting_down: None) 
         _logfilter.uninstall()
         warnings.showwarning = original
     assert shown == ["coroutine 'my_job' was never awaited"]
-    assert sys.modules["asgi_dbpool._logfilter"]._original_showwarning is None
+    assert sys.modules["asgi_dbpool.lifecycle.log_filter"]._original_showwarning is None
 
 
 @pytest.mark.parametrize("flag", [True, False], ids=["shutting-down", "running"])

@@ -18,7 +18,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from asgi_dbpool import DBPoolMiddleware
-from asgi_dbpool._checkout import current_request
+from asgi_dbpool.pool.checkout import current_request
 
 pytestmark = pytest.mark.anyio
 

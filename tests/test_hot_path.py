@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from asgi_dbpool import DBPoolMiddleware
-from asgi_dbpool._histogram import BUCKETS, FOLD_AT, Histogram
+from asgi_dbpool.pool.histogram import BUCKETS, FOLD_AT, Histogram
 
 
 def test_batched_histogram_buckets_every_observation_as_a_bisect_would() -> None:

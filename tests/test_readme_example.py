@@ -21,7 +21,7 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
-from asgi_dbpool._settings import ENV_READERS
+from asgi_dbpool.config.settings import ENV_READERS
 from tests import conftest
 
 README = Path(__file__).resolve().parent.parent / "README.md"

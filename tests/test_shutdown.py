@@ -484,7 +484,7 @@ async def test_a_refused_checkout_never_touches_a_pooled_connection(
 ) -> None:
     """Once shutdown reclaims, a checkout fails before the pool hands out a record: no pre-ping goes out on a
     connection that dispose is about to close, and the idle connection stays pooled for dispose."""
-    from asgi_dbpool._registry import tracker_for
+    from asgi_dbpool.pool.registry import tracker_for
 
     engine = make_engine(pool_pre_ping=True)
     tracker = tracker_for(engine, "default")
@@ -599,7 +599,7 @@ async def test_a_connection_is_never_opened_while_closed_for_shutdown(
 ) -> None:
     """A task that was already waiting in the pool's queue when shutdown closed the pool may be handed a record
     whose connection was invalidated: reconnecting it is refused too, so nothing new opens during dispose."""
-    from asgi_dbpool._registry import tracker_for
+    from asgi_dbpool.pool.registry import tracker_for
 
     engine = make_engine(pool_size=1, max_overflow=0)
     tracker = tracker_for(engine, "default")

@@ -30,7 +30,7 @@ from starlette.testclient import TestClient
 
 import asgi_dbpool
 from asgi_dbpool import DBPoolMiddleware, StartupError
-from asgi_dbpool._shutdown import FORCE_EXIT_BUDGET
+from asgi_dbpool.lifecycle.shutdown import FORCE_EXIT_BUDGET
 from tests import conftest
 
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "testing-your-app.md"

@@ -5,7 +5,7 @@ the database).
 Under load (two of these runs side by side) this used to fail about one run in three: a worker's poller,
 asleep when shutdown looked for connection holders, woke up, took a pooled connection and was pre-pinging it
 when the worker exited, and PostgreSQL logged ``Connection reset by peer``. Tasks waiting for or pre-pinging
-a connection now count as holders (see ``asgi_dbpool._acquire``)."""
+a connection now count as holders (see ``asgi_dbpool.pool.acquire``)."""
 
 from __future__ import annotations
 

@@ -9,10 +9,12 @@ import asyncio
 import logging
 from typing import Any
 
-from ._checkout import InFlight, current_request, current_task
-from ._records import fields
-from ._respond import SHUT_AFTER_COMMIT, SHUTTING_DOWN, respond
-from ._types import ASGIApp, Message, Receive, Scope, Send
+from ..base.records import fields
+from ..base.types import ASGIApp, Message, Receive, Scope, Send
+from ..lifecycle.shutdown import CLOSE_FRAME_TIMEOUT
+from ..pool.checkout import current_task
+from .request import InFlight, current_request
+from .responses import SHUT_AFTER_COMMIT, SHUTTING_DOWN, respond
 
 logger = logging.getLogger("asgi_dbpool")
 
@@ -23,8 +25,6 @@ GOING_AWAY = 1001
 SERVICE_RESTART = 1012
 #: Close codes that mean "the server is going away".
 SHUTDOWN_CODES = frozenset({GOING_AWAY, SERVICE_RESTART})
-#: Seconds a server may take to accept a close frame at shutdown before the handler is interrupted anyway.
-CLOSE_FRAME_TIMEOUT = 1.0
 
 
 def ended_by_shutdown(exc: BaseException, close_code: int | None) -> bool:

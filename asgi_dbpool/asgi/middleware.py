@@ -10,21 +10,25 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
-from . import _otel
-from ._advice import Topology, workers_from_env
-from ._checkout import InFlight, LateCommits, current_request, current_task
-from ._connections import SERVICE_RESTART, answer_cancelled
-from ._lifecycle import Lifecycle
-from ._monitor import PoolMonitor
-from ._options import DEFAULT_STATS_PATH, Options
-from ._registry import name_engines, tracker_for
-from ._respond import POOL_EXHAUSTED, SHUTTING_DOWN, respond
-from ._startup import StartupError
-from ._stats import PoolStatsApp, route_path
-from ._tracker import PoolTracker
-from ._types import STATE_KEY, ASGIApp, Receive, Scope, Send
+from ..base.types import STATE_KEY, ASGIApp, Receive, Scope, Send
+from ..config.options import DEFAULT_STATS_PATH, Options
+from ..lifecycle.lifecycle import Lifecycle
+from ..lifecycle.startup import StartupError
+from ..observe import otel as _otel
+from ..observe.advice import Topology, workers_from_env
+from ..observe.monitor import PoolMonitor
+from ..pool.checkout import current_task
+from ..pool.registry import name_engines, tracker_for
+from ..pool.tracker import PoolTracker
+from .connections import SERVICE_RESTART, ConnectionTracker, answer_cancelled
+from .late_commits import LateCommits, on_session_commit
+from .request import InFlight, current_request
+from .responses import POOL_EXHAUSTED, SHUTTING_DOWN, respond
+from .stats_app import PoolStatsApp, route_path
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -122,13 +126,15 @@ class DBPoolMiddleware:
         sync_trackers = [tracker_for(eng, f"sync:{i}") for i, eng in enumerate(sync_engines)]
         # The budget check's multipliers; WEB_CONCURRENCY is read now, so a malformed value fails at construction.
         topology = Topology(options.workers or workers_from_env(), options.hosts, options.pgbouncer_pool_size)
-        self.lifecycle = Lifecycle(app, options, trackers, sync_trackers, topology)
+        self.lifecycle = Lifecycle(app, options, trackers, sync_trackers, topology, ConnectionTracker())
         self.retry_after = options.retry_after
         self.stats_path = options.stats_path
         self.opentelemetry = _otel.enroll(self.all_trackers())
         self.sessionmakers = {name: async_sessionmaker(eng, expire_on_commit=False) for name, eng in named.items()}
         #: This app's ORM commits that started after their response went out (its /metrics shows them).
         self.late_commits = LateCommits()
+        if not event.contains(Session, "before_commit", on_session_commit):
+            event.listen(Session, "before_commit", on_session_commit)
         # The pool endpoints show the sync_engines too ("sync:0", ...), as PoolCollector and OpenTelemetry do.
         shown = {**named, **{tracker.name: tracker.engine for tracker in sync_trackers}}
         self.stats_app = PoolStatsApp(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._types import Send
+from ..base.types import Send
 
 SHUTTING_DOWN = b'{"detail":"the server is shutting down; nothing was committed"}'
 SHUT_AFTER_COMMIT = b'{"detail":"the server shut down while answering, after a commit: the changes may be saved"}'

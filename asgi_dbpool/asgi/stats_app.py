@@ -9,13 +9,13 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ._advice import advise
-from ._guard import is_shutting_down
-from ._metrics import OPENMETRICS_1_0, TEXT_0_0_4, render, wants_openmetrics
-from ._registry import name_engines, tracker_for
-from ._tracker import PoolTracker
-from ._types import Receive, Scope, Send
-from ._version import __version__
+from .._version import __version__
+from ..base.types import Receive, Scope, Send
+from ..lifecycle.shutdown_flag import is_shutting_down
+from ..observe.advice import advise
+from ..observe.metrics import OPENMETRICS_1_0, TEXT_0_0_4, render, wants_openmetrics
+from ..pool.registry import name_engines, tracker_for
+from ..pool.tracker import PoolTracker
 
 logger = logging.getLogger("asgi_dbpool")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TypedDict
 
-from ._parse import (
+from .parse import (
     MAX_WORKERS,
     ConfigError,
     optional_seconds,

@@ -6,14 +6,15 @@ import dataclasses
 import logging
 import os
 import uuid
+import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import URL, make_url
 
-from ._dialects import SUPPORTED, mysql_query_timeout, query_timeout_options
-from ._options import DEFAULT_STATS_PATH, MiddlewareOptions, Options
-from ._parse import (
+from .drivers import SUPPORTED, mysql_query_timeout, query_timeout_options
+from .options import DEFAULT_STATS_PATH, MiddlewareOptions, Options
+from .parse import (
     ASYNC_DRIVERS,
     MAX_SECONDS,
     MAX_WORKERS,
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("asgi_dbpool")
 
+
+#: The PgBouncer pooling mode of engines built by ``PoolSettings.create_async_engine`` with ``pgbouncer`` set.
+PGBOUNCER_MODES: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
 
 #: Sync PostgreSQL drivers on libpq, which take ``-c statement_timeout=...`` in the ``options`` connect argument.
 LIBPQ = ("psycopg2", "psycopg")
@@ -261,8 +265,6 @@ class PoolSettings:
         if target.get_backend_name() == "mysql":
             mysql_query_timeout(engine.sync_engine, self.query_timeout)
         if self.pgbouncer is not None:
-            from ._registry import PGBOUNCER_MODES
-
             PGBOUNCER_MODES[engine.sync_engine] = self.pgbouncer  # what the middleware's budget check reads
         return engine
 

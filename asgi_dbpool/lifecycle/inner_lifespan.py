@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Literal
+from typing import Literal
 
-from ._types import ASGIApp, Message, Scope
+from ..base.types import ASGIApp, Message, Scope
 
 logger = logging.getLogger("asgi_dbpool")
 
@@ -129,15 +129,3 @@ class InnerLifespan:
             logger.error("the wrapped app's lifespan raised while running", exc_info=exc)
         else:
             logger.debug("the wrapped app's lifespan raised after answering: %r", exc)
-
-
-def one_line(exc: BaseException) -> str:
-    """``Type: message`` on one line (server log parsers and humans both want that)."""
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def describe_task(task: asyncio.Task[Any]) -> str:
-    coro = task.get_coro()
-    where = getattr(coro, "__qualname__", type(coro).__name__)
-    return f"{task.get_name()} ({where})"

@@ -13,30 +13,54 @@ import contextlib
 import logging
 import signal
 import weakref
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Collection, Sequence
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
-from . import _guard, _logfilter
-from ._advice import Topology
-from ._connections import CLOSE_FRAME_TIMEOUT, ConnectionTracker
-from ._lifespan import InnerLifespan, Outcome, one_line
-from ._monitor import PoolMonitor
-from ._options import Options
-from ._parse import mask_url
-from ._records import fields
-from ._registry import PGBOUNCER_MODES
-from ._shutdown import CONNECTION_CLOSE_TIMEOUT, FORCE_EXIT_BUDGET, ShutdownClock, close_engines
-from ._signals import DeferredTermination, noting_stop_signals, on_stop_signal
-from ._startup import APP_EXIT_TIMEOUT, StartupError, check_budget, check_reachable, pool_logger_names, watch_leaks
-from ._tracker import PoolTracker
-from ._types import ASGIApp, Scope
+from ..base.describe import one_line
+from ..base.records import fields
+from ..base.types import ASGIApp, Scope
+from ..config.options import Options
+from ..config.parse import mask_url
+from ..config.settings import PGBOUNCER_MODES
+from ..observe.advice import Topology
+from ..observe.monitor import PoolMonitor, watch_leaks
+from ..pool.tracker import PoolTracker
+from . import log_filter as _logfilter
+from . import shutdown_flag as _guard
+from .inner_lifespan import InnerLifespan, Outcome
+from .shutdown import CLOSE_FRAME_TIMEOUT, CONNECTION_CLOSE_TIMEOUT, FORCE_EXIT_BUDGET, ShutdownClock, close_engines
+from .signals import DeferredTermination, noting_stop_signals, on_stop_signal
+from .startup import APP_EXIT_TIMEOUT, StartupError, check_budget, check_reachable, pool_logger_names
 
 logger = logging.getLogger("asgi_dbpool")
 
 State = Literal["new", "starting", "running", "stopping", "stopped"]
 
 
-class Lifecycle:
+class Connections(Protocol):
+    """The HTTP requests in flight and the open WebSockets, as the lifecycle drains and closes them: the ASGI
+    layer's :class:`~asgi_dbpool.asgi.connections.ConnectionTracker`, which the middleware gives its lifecycle."""
+
+    http_in_flight: int
+    closed_by_server: int
+    watched: bool
+
+    @property
+    def websockets(self) -> Collection[Any]: ...
+
+    def http_done(self) -> None: ...
+
+    async def wait_http(self) -> None: ...
+
+    async def wait_websockets(self) -> None: ...
+
+    async def close_websockets(self, deadline: float, code: int = ...) -> tuple[int, int]: ...
+
+
+ConnectionsT = TypeVar("ConnectionsT", bound=Connections)
+
+
+class Lifecycle(Generic[ConnectionsT]):
     """Owns one app's database lifecycle; the middleware speaks ASGI and calls :meth:`start`, :meth:`shutdown`
     and :meth:`abort`, each of which returns (or raises) exactly once and leaves nothing behind."""
 
@@ -47,13 +71,14 @@ class Lifecycle:
         trackers: Sequence[PoolTracker],
         sync_trackers: Sequence[PoolTracker],
         topology: Topology,
+        connections: ConnectionsT,
     ) -> None:
         self.app = app
         self.options = options
         self.trackers = list(trackers)
         self.all_trackers = [*trackers, *sync_trackers]
         self.topology = topology
-        self.connections = ConnectionTracker()
+        self.connections = connections
         self.monitor = PoolMonitor(self.trackers, options.monitor_interval, stopped=lambda: self.shutting_down)
         self.state: State = "new"
         self.shutting_down = False  # set with the state, from the shutdown's first step on

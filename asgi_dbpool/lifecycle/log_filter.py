@@ -8,8 +8,8 @@ import warnings
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-from ._acquire import PoolClosedError
-from ._guard import is_shutting_down
+from ..pool.acquire import PoolClosedError
+from .shutdown_flag import is_shutting_down
 
 #: Loggers the filter is attached to; logger filters are not inherited, so each pool logger is named.
 DEFAULT_LOGGERS = (

@@ -8,9 +8,9 @@ import logging
 from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
-from ._lifespan import describe_task, one_line
-from ._records import fields
-from ._tracker import PoolTracker
+from ..base.describe import describe_task, one_line
+from ..base.records import fields
+from ..pool.tracker import PoolTracker
 
 logger = logging.getLogger("asgi_dbpool")
 
@@ -29,6 +29,8 @@ HOLDERS_TIMEOUT = 2.5
 CONNECTION_CLOSE_TIMEOUT = 0.5
 #: Seconds the cancelled holders get to finish once their connections were closed under them.
 REAP_TIMEOUT = 0.5
+#: Seconds a server may take to accept a close frame at shutdown before the handler is interrupted anyway.
+CLOSE_FRAME_TIMEOUT = 1.0
 
 
 class ShutdownClock:

@@ -9,12 +9,11 @@ from typing import Any
 
 from sqlalchemy import text
 
-from ._advice import Topology, budget_lines, read_server
-from ._lifespan import one_line
-from ._monitor import check_leaks
-from ._parse import mask_url
-from ._records import fields
-from ._tracker import PoolTracker
+from ..base.describe import one_line
+from ..base.records import fields
+from ..config.parse import mask_url
+from ..observe.advice import Topology, budget_lines, read_server
+from ..pool.tracker import PoolTracker
 
 logger = logging.getLogger("asgi_dbpool")
 
@@ -72,15 +71,6 @@ async def check_budget(
             )
     for level, line in budget_lines(trackers, topology, pgbouncer_mode):
         logger.log(level, line, extra=fields("budget", workers=topology.workers, hosts=topology.hosts))
-
-
-async def watch_leaks(trackers: Sequence[PoolTracker], threshold: float) -> None:
-    """Report connections held past ``threshold`` seconds, checking twice per threshold (at most each second)."""
-    tick = min(threshold / 2, 1.0)
-    while True:
-        await asyncio.sleep(tick)
-        for tracker in trackers:
-            check_leaks(tracker)
 
 
 def pool_logger_names(trackers: Sequence[PoolTracker]) -> list[str]:

@@ -8,9 +8,9 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from ._dialects import IDLE_TIMEOUT_NAME, read_settings
-from ._settings import mask_url, workers_value
-from ._tracker import PoolTracker
+from ..config.parse import mask_url, workers_value
+from ..pool.dialects import IDLE_TIMEOUT_NAME, read_settings
+from ..pool.tracker import PoolTracker
 
 logger = logging.getLogger("asgi_dbpool")
 

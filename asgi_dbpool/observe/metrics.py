@@ -9,8 +9,8 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from ._histogram import BUCKETS, Histogram
-from ._tracker import PoolTracker
+from ..pool.histogram import BUCKETS, Histogram
+from ..pool.tracker import PoolTracker
 
 TEXT_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS_1_0 = "application/openmetrics-text; version=1.0.0; charset=utf-8"

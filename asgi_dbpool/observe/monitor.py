@@ -1,4 +1,4 @@
-"""The pool monitor: reads every pool on an interval and warns once per episode of pressure."""
+"""The pool monitor: reads every pool on an interval and warns once per episode of pressure; and the leak watch."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
-from ._records import fields
-from ._tracker import PoolTracker
+from ..base.records import fields
+from ..pool.tracker import PoolTracker
 
 logger = logging.getLogger("asgi_dbpool.monitor")
 
@@ -106,3 +106,12 @@ def check_leaks(tracker: PoolTracker, now: float | None = None) -> int:
                 ),
             )
     return found
+
+
+async def watch_leaks(trackers: Sequence[PoolTracker], threshold: float) -> None:
+    """Report connections held past ``threshold`` seconds, checking twice per threshold (at most each second)."""
+    tick = min(threshold / 2, 1.0)
+    while True:
+        await asyncio.sleep(tick)
+        for tracker in trackers:
+            check_leaks(tracker)

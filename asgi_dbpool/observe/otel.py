@@ -10,10 +10,10 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
+from .._version import __version__
 
 if TYPE_CHECKING:
-    from ._tracker import PoolTracker
+    from ..pool.tracker import PoolTracker
 
 POOL = "db.client.connection.pool.name"
 _trackers: weakref.WeakSet[PoolTracker] = weakref.WeakSet()

@@ -2,7 +2,7 @@
 
 One :class:`Acquisition` per pool holds that state: the refusal gate (closed for shutdown), the tasks waiting
 for a connection and how long they wait, pool timeouts, and ``max_pending`` fail-fast; the pool's ``_do_get``
-keeps it (see :mod:`._pool`). It also knows *who* waits in the pool's queue, which matters at shutdown: such
+keeps it (see :mod:`.tracked_pool`). It also knows *who* waits in the pool's queue, which matters at shutdown: such
 a task is about to hold a connection, and shutdown must stop it too, or the process exits with its pre-ping in
 flight (PostgreSQL logs ``Connection reset by peer``).
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import exc as sa_exc
 
-from ._histogram import Histogram
+from .histogram import Histogram
 
 
 class PoolClosedError(RuntimeError):

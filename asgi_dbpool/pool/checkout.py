@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from contextvars import ContextVar
 from types import CodeType, FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from greenlet import getcurrent
-from sqlalchemy.orm import Session
-
-from ._records import fields
-from ._respond import POOL_EXHAUSTED, respond
-from ._types import STATE_KEY
 
 if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
-
-logger = logging.getLogger("asgi_dbpool")
 
 # Frames from these places are not "the code that checked the connection out".
 _INTERNAL_PARTS = (
@@ -40,141 +32,22 @@ _INTERNAL_PARTS = (
 _internal_cache: dict[str, bool] = {}
 
 
-class InFlight:
-    """One HTTP request or WebSocket in flight through the middleware: whether it has finished, whether it tried
-    an ORM commit (then a request cut off by the server may have saved its changes), the pool that could not
-    give it a connection (then its error becomes a 503), and the connections it holds.
+class Request(Protocol):
+    """The request or WebSocket in flight as the pool layer reads and writes it (the ASGI layer's ``InFlight``):
+    whether it has finished, how many connections it holds, the tracker of a pool that could not serve it, its task
+    once it ended holding connections, and its route for reports."""
 
-    Made for every request, so it is kept to three stores (:meth:`start`): the rest starts as class attributes
-    (no ``__slots__``: an instance reads a field it never wrote from its class); :meth:`send` is the app's ``send``.
-    """
+    done: bool
+    holding: int
+    exhausted: Any
+    task: asyncio.Task[Any] | None
 
-    done = committed = responded = answered = False  # responded: the whole response went out
-    holding = 0  # connections checked out for it right now
-    exhausted: Any = None  # the PoolTracker whose checkout timed out or was refused
-    # Its task, noted only when it ends still holding a connection (the one thing that needs it, a leak
-    # check, compares it with the holder's task): asking for the task on every request costs more.
-    task: asyncio.Task[Any] | None = None
-    scope: Any  # the app fills in its route as it routes
-    server_send: Any
-    retry_after: int
-
-    @classmethod
-    def start(cls, scope: Any, server_send: Any, retry_after: int) -> InFlight:
-        """A request in flight. (The middleware's HTTP path makes it inline: a class without ``__init__`` and
-        three stores cost half of a call to an ``__init__``.)"""
-        request = cls()
-        request.scope = scope
-        request.server_send = server_send
-        request.retry_after = retry_after
-        return request
-
-    def send(self, message: Any) -> Any:
-        """The app's ``send``: notes the end of the response; after a pool timeout, the app's 500 becomes a 503."""
-        # "in" before the lookup: a final body message usually has no "more_body" (a method call saved).
-        if message["type"] == "http.response.body" and not ("more_body" in message and message["more_body"]):  # noqa: RUF019
-            self.responded = True  # a commit after this one was acknowledged too early (see on_session_commit)
-        if self.exhausted is None:
-            return self.server_send(message)
-        return self._send_overloaded(message)
-
-    async def _send_overloaded(self, message: Any) -> None:
-        kind = message["type"]
-        if kind == "http.response.start" and message.get("status") == 500 and not self.answered:
-            self.answered = True
-            self.exhausted.overload_answers += 1
-            await respond(self.server_send, 503, POOL_EXHAUSTED, retry_after=self.retry_after, close=False)
-        elif not (self.answered and kind == "http.response.body"):
-            await self.server_send(message)
-
-    def route(self) -> str:
-        """``METHOD /route/template`` (the matched route's path where the framework records it, else the path)."""
-        scope = self.scope
-        return f"{scope.get('method', 'WEBSOCKET')} {self._template() or scope.get('path', '?')}"
-
-    def route_template(self) -> str | None:
-        """``METHOD /route/template`` where the framework recorded the matched route (Starlette and FastAPI:
-        ``scope["route"]``; Litestar: ``scope["path_template"]``), else None: never the raw path."""
-        template = self._template()
-        return f"{self.scope.get('method', 'WEBSOCKET')} {template}" if template else None
-
-    def _template(self) -> str | None:
-        scope = self.scope
-        template = getattr(scope.get("route"), "path", None) or scope.get("path_template")
-        return template if isinstance(template, str) and template else None
+    def route(self) -> str: ...
 
 
 #: The request or WebSocket being served in this context, set by the middleware for each call and reset when the
 #: call ends: a wrapped sub-app called from a wrapped app in the same task gives the outer request back.
-current_request: ContextVar[InFlight | None] = ContextVar("asgi_dbpool_request", default=None)
-
-
-def on_session_commit(session: Session) -> None:
-    """Mark the request as having tried a COMMIT (before it is sent: a cut-off COMMIT may have landed).
-
-    An ORM event, not a Core ``ConnectionEvents.commit`` listener: a Core listener on the engine switches on
-    event dispatch for every statement (about 2% end to end here). Commits through ``AsyncConnection`` /
-    ``engine.begin()`` directly are therefore not seen.
-    """
-    request = current_request.get()
-    if request is not None and not request.done:
-        request.committed = True
-        # A COMMIT that matters: a transaction holds a connection, or the flush in this commit writes changes.
-        if request.responded and (request.holding or session.new or session.dirty or session.deleted):
-            state = request.scope.get("state")
-            late = getattr(state.get(STATE_KEY) if state else None, "late_commits", None)
-            if late is not None and not _in_background_task():
-                late.note(request)
-
-
-#: Where the frameworks run a response's background tasks (after the response, by design).
-BACKGROUND_TASK_FILES = ("/starlette/background.py", "/litestar/background_tasks.py")
-
-
-def _in_background_task() -> bool:
-    """Whether this commit runs in a background task of the response (FastAPI's ``BackgroundTasks``, Starlette's,
-    Litestar's): started after the response by design, not a commit the client was told about. Read only for a
-    commit after the response: a walk of the caller's frames."""
-    glet: Any = getcurrent()
-    frame: FrameType | None = sys._getframe(1)
-    while True:  # across greenlets: the ORM's commit runs in one SQLAlchemy spawned under the awaiting code
-        while frame is not None:
-            if frame.f_code.co_filename.endswith(BACKGROUND_TASK_FILES):
-                return True
-            frame = frame.f_back
-        glet = glet.parent
-        if glet is None:
-            return False
-        frame = glet.gr_frame
-
-
-class LateCommits:
-    """One app's ORM commits that started after their request's response had gone out, per route template
-    (``METHOD /items/{item_id}``): a request with no template (raw ASGI, a 404) and routes past
-    :attr:`MAX_ROUTES` count as ``other``, so the labels stay bounded whatever the paths. One WARNING per route."""
-
-    MAX_ROUTES = 100
-    OTHER = "other"
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-
-    def note(self, request: InFlight) -> None:
-        route = request.route_template() or self.OTHER
-        counts = self.counts
-        if route not in counts and len(counts) >= self.MAX_ROUTES:
-            route = self.OTHER
-        first = route not in counts
-        counts[route] = counts.get(route, 0) + 1
-        if first:
-            logger.warning(
-                "%s: an ORM commit started after the response was sent: the client was told it succeeded before "
-                "the COMMIT, which can still fail or be cut by a shutdown (FastAPI runs the code after `yield` in "
-                "a dependency once the response is out). Commit in the endpoint, or declare the dependency with "
-                'Depends(..., scope="function")',
-                route,
-                extra=fields("late_commit", route=route),
-            )
+current_request: ContextVar[Request | None] = ContextVar("asgi_dbpool_request", default=None)
 
 
 def _is_internal(filename: str) -> bool:
@@ -283,7 +156,7 @@ Held = tuple[
     "ConnectionPoolEntry",
     "asyncio.Task[Any] | None",
     tuple[Frame, ...],
-    "InFlight | None",
+    "Request | None",
     "tuple[Frame, ...] | None",
     float,
 ]

@@ -1,5 +1,6 @@
-"""What differs per database driver: its URL scheme, its query timeout, the server settings the budget check reads,
-and how one of its connections is closed (gracefully, else aborted) at shutdown.
+"""What differs per database driver once an engine runs: the server settings the budget check reads, and how one of
+its connections is closed (gracefully, else aborted) at shutdown. (Its URL scheme and its query timeout, set when an
+engine is built, are :mod:`asgi_dbpool.config.drivers`.)
 
 Supported and tested: ``postgresql+asyncpg``, ``postgresql+psycopg`` (psycopg 3, async), ``mysql+aiomysql`` (on
 MariaDB) and ``sqlite+aiosqlite``. The driver connection's own module picks the closing rules, so they hold for an
@@ -11,11 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from sqlalchemy import event, text
-from sqlalchemy.engine import URL
-
-#: The async URL schemes asgi_dbpool supports, each tested against a real database.
-SUPPORTED = ("postgresql+asyncpg", "postgresql+psycopg", "mysql+aiomysql", "sqlite+aiosqlite")
+from sqlalchemy import text
 
 
 def driver_name(connection: Any) -> str:
@@ -66,47 +63,6 @@ def abort_if_closing(connection: Any) -> None:
     that may not answer; the others close without waiting for the server."""
     if driver_name(connection) == "asyncpg" and connection.is_closed():
         connection.terminate()  # a no-op once the close has finished
-
-
-# -- the query timeout, in each driver's own terms ---------------------------------------------------------------------
-
-
-def query_timeout_options(url: URL, seconds: float, connect_args: dict[str, Any], pgbouncer: bool) -> bool:
-    """Put ``seconds`` (0: off) into ``connect_args`` the way the driver of ``url`` understands a query timeout;
-    False when it cannot be (psycopg through PgBouncer)."""
-    driver = url.get_driver_name()
-    if driver == "asyncpg":
-        connect_args.setdefault("command_timeout", seconds or None)  # client side: cancels the query
-    elif driver == "psycopg" and seconds:
-        if pgbouncer:
-            # PgBouncer refuses the startup option ("unsupported startup parameter: options"), and a SET would
-            # land on whichever server connection runs it: only the server's own setting for the role works.
-            return False
-        # Server side: PostgreSQL cancels the statement (psycopg has no client-side query timeout).
-        connect_args.setdefault("options", f"-c statement_timeout={round(seconds * 1000)}")
-    elif driver == "aiosqlite":
-        # SQLite has no query timeout; sqlite3's ``timeout`` bounds the wait for a lock another connection holds.
-        connect_args.setdefault("timeout", seconds or 0.0)
-    return True
-
-
-def mysql_query_timeout(engine: Any, seconds: float) -> None:
-    """MariaDB's ``max_statement_time`` (seconds) or MySQL's ``max_execution_time`` (milliseconds, SELECT only) on
-    every new connection: the server's name for it is known only once the first connection saw the server."""
-    if not seconds:
-        return
-
-    @event.listens_for(engine, "connect")
-    def _set(dbapi_connection: Any, record: Any) -> None:  # runs after the dialect read the server version
-        if engine.dialect.is_mariadb:
-            statement = f"SET SESSION max_statement_time = {seconds:.6f}"
-        else:
-            statement = f"SET SESSION max_execution_time = {round(seconds * 1000)}"
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute(statement)
-        finally:
-            cursor.close()
 
 
 # -- server settings for the budget check and the advice -----------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ._tracker import PoolTracker
+from .tracker import PoolTracker
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -17,8 +17,6 @@ if TYPE_CHECKING:
 #: class holds its tracker, and the tracker its engine (what holds a tracker, a middleware's lifecycle or a stats app,
 #: keeps its engine working): a strong value would keep its own key alive forever.
 _registry: weakref.WeakKeyDictionary[Engine, weakref.ref[PoolTracker]] = weakref.WeakKeyDictionary()
-#: The PgBouncer pooling mode of engines built by ``PoolSettings.create_async_engine`` with ``pgbouncer`` set.
-PGBOUNCER_MODES: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
 
 
 def tracker_for(engine: Engine | AsyncEngine, name: str) -> PoolTracker:

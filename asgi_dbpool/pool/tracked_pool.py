@@ -27,16 +27,16 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
-from ._acquire import Acquisition
-from ._checkout import Held, checkout_frames, current_request
-from ._histogram import FOLD_AT, Histogram
+from .acquire import Acquisition
+from .checkout import Held, checkout_frames, current_request
+from .histogram import FOLD_AT, Histogram
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
 
 class Tracker(Protocol):
-    """What the pool updates and calls (a :class:`~._tracker.PoolTracker`)."""
+    """What the pool updates and calls (a :class:`~.tracker.PoolTracker`)."""
 
     acquisition: Acquisition
     held: dict[int, Held]
@@ -144,7 +144,7 @@ def _tracking(
             acquisition.ask(pool)  # the shutdown refusal, max_pending: before a record is taken
         try:
             task = current_task()
-        except RuntimeError:  # a sync engine used from a worker thread (_checkout.current_task, one call less)
+        except RuntimeError:  # a sync engine used from a worker thread (checkout.current_task, one call less)
             task = None
         acquisition.pending += 1
         if task is not None:

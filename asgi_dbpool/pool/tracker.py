@@ -11,15 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
-from sqlalchemy.orm import Session
 from sqlalchemy.util import greenlet_spawn
 
-from ._acquire import Acquisition, PoolClosedError, PoolOverloadedError
-from ._checkout import Checkout, Held, current_request, on_session_commit
-from ._dialects import abort_if_closing, wait_closed
-from ._histogram import Histogram
-from ._pool import track
-from ._records import fields
+from ..base.records import fields
+from .acquire import Acquisition, PoolClosedError, PoolOverloadedError
+from .checkout import Checkout, Held, current_request
+from .dialects import abort_if_closing, wait_closed
+from .histogram import Histogram
+from .tracked_pool import track
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -34,9 +33,9 @@ class PoolTracker:
     """Keeps one engine's pool figures and checkouts; survives ``engine.dispose()`` (the recreated pool reports
     here too).
 
-    The pool itself reports checkouts, checkins and the connections it opens (:mod:`._pool`); pool events give
+    The pool itself reports checkouts, checkins and the connections it opens (:mod:`.tracked_pool`); pool events give
     invalidations and detaches; who waits, how long, timeouts and the shutdown refusal are the pool's
-    :class:`Acquisition` (see :mod:`._acquire`).
+    :class:`Acquisition` (see :mod:`.acquire`).
     """
 
     def __init__(self, engine: Engine | AsyncEngine, name: str) -> None:
@@ -45,7 +44,7 @@ class PoolTracker:
             self.async_engine, engine = engine, engine.sync_engine
         self.engine: Engine = engine
         self.name = name
-        # What the pool notes per checkout (see _pool.TrackedPool), by id() of the pool entry; read via checkouts.
+        # What the pool notes per checkout (see TrackedPool), by id() of the pool entry; read via checkouts.
         self.held: dict[int, Held] = {}
         self.reported: set[int] = set()  # ids of the entries a leak WARNING named
         self.invalidations = self.reclaimed = self.leaks = 0
@@ -61,11 +60,9 @@ class PoolTracker:
         # Every pool entry that opened a connection (idle or checked out): closing at shutdown reaches them all.
         self._entries: weakref.WeakSet[ConnectionPoolEntry] = weakref.WeakSet()
         self.pool_size_now = self.pool_size()  # the same for every pool engine.dispose() makes
-        track(engine, self)  # checkouts and checkins reach checked_out / checked_in (see _pool)
+        track(engine, self)  # checkouts and checkins reach checked_out / checked_in (see tracked_pool)
         event.listen(engine, "detach", self._on_detach)
         event.listen(engine, "invalidate", self._on_invalidate)
-        if not event.contains(Session, "before_commit", on_session_commit):
-            event.listen(Session, "before_commit", on_session_commit)
 
     # -- checkouts and checkins (noted by the pool itself, see _pool.TrackedPool) ------------------
     @property
@@ -120,7 +117,7 @@ class PoolTracker:
             self.invalidations += 1
 
     def connected(self, record: ConnectionPoolEntry, seconds: float) -> None:
-        """The pool opened a connection for ``record`` in ``seconds`` (see _pool: refused while closed)."""
+        """The pool opened a connection for ``record`` in ``seconds`` (see tracked_pool: refused while closed)."""
         self._entries.add(record)
         self.create.observe(seconds)
 

@@ -19,7 +19,7 @@ from asgi_dbpool import (
     PoolSettings,
     shutdown_tolerant,
 )
-from asgi_dbpool._options import MiddlewareOptions
+from asgi_dbpool.config.options import MiddlewareOptions
 from asgi_dbpool.prometheus import PoolCollector
 from asgi_dbpool.starlette import get_session
 

@@ -1,0 +1,53 @@
+"""What each supported driver needs when an engine is built: its URL scheme, and its query timeout in its own terms.
+(What differs once the engine runs is :mod:`asgi_dbpool.pool.dialects`.)"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL
+
+#: The async URL schemes asgi_dbpool supports, each tested against a real database.
+SUPPORTED = ("postgresql+asyncpg", "postgresql+psycopg", "mysql+aiomysql", "sqlite+aiosqlite")
+
+
+# -- the query timeout, in each driver's own terms ---------------------------------------------------------------------
+
+
+def query_timeout_options(url: URL, seconds: float, connect_args: dict[str, Any], pgbouncer: bool) -> bool:
+    """Put ``seconds`` (0: off) into ``connect_args`` the way the driver of ``url`` understands a query timeout;
+    False when it cannot be (psycopg through PgBouncer)."""
+    driver = url.get_driver_name()
+    if driver == "asyncpg":
+        connect_args.setdefault("command_timeout", seconds or None)  # client side: cancels the query
+    elif driver == "psycopg" and seconds:
+        if pgbouncer:
+            # PgBouncer refuses the startup option ("unsupported startup parameter: options"), and a SET would
+            # land on whichever server connection runs it: only the server's own setting for the role works.
+            return False
+        # Server side: PostgreSQL cancels the statement (psycopg has no client-side query timeout).
+        connect_args.setdefault("options", f"-c statement_timeout={round(seconds * 1000)}")
+    elif driver == "aiosqlite":
+        # SQLite has no query timeout; sqlite3's ``timeout`` bounds the wait for a lock another connection holds.
+        connect_args.setdefault("timeout", seconds or 0.0)
+    return True
+
+
+def mysql_query_timeout(engine: Any, seconds: float) -> None:
+    """MariaDB's ``max_statement_time`` (seconds) or MySQL's ``max_execution_time`` (milliseconds, SELECT only) on
+    every new connection: the server's name for it is known only once the first connection saw the server."""
+    if not seconds:
+        return
+
+    @event.listens_for(engine, "connect")
+    def _set(dbapi_connection: Any, record: Any) -> None:  # runs after the dialect read the server version
+        if engine.dialect.is_mariadb:
+            statement = f"SET SESSION max_statement_time = {seconds:.6f}"
+        else:
+            statement = f"SET SESSION max_execution_time = {round(seconds * 1000)}"
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(statement)
+        finally:
+            cursor.close()
