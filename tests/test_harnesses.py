@@ -149,7 +149,7 @@ def test_unreachable_database_raises_at_with_testclient(form: str) -> None:
     expected: type[BaseException] = ConnectionRefusedError if form == "bare" else StartupError
     with pytest.raises(expected) as raised, TestClient(app):
         pytest.fail("the with block was entered")  # pragma: no cover
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 5 + 1  # within startup_timeout plus a second (before: a hang)
     if form != "bare":
         assert str(raised.value) == (
             "asgi_dbpool: cannot reach database 'default' at postgresql+asyncpg://app:***@127.0.0.1:1/appdb: "
@@ -170,7 +170,7 @@ async def test_unreachable_database_raises_at_lifespan_manager(wrapped: bool) ->
     with pytest.raises(StartupError if wrapped else ConnectionRefusedError, match="Connect call failed"):
         async with LifespanManager(app, startup_timeout=None):
             pytest.fail("entered")  # pragma: no cover
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 5 + 1  # within startup_timeout plus a second (before: a hang)
     await engine.dispose()
 
 
