@@ -1,9 +1,10 @@
 """What differs per database driver: its URL scheme, its query timeout, the server settings the budget check reads,
 and how one of its connections is closed (gracefully, else aborted) at shutdown.
 
-Supported and tested: ``postgresql+asyncpg``, ``postgresql+psycopg`` (psycopg 3, async), ``mysql+aiomysql`` (on
-MariaDB) and ``sqlite+aiosqlite``. The driver connection's own module picks the closing rules, so they hold for an
-engine built any way, not only by :meth:`PoolSettings.create_async_engine`.
+Supported and tested: ``postgresql+asyncpg``, ``postgresql+psycopg`` (psycopg 3, async), ``mysql+aiomysql`` and
+``mysql+asyncmy`` (on MariaDB) and ``sqlite+aiosqlite``. The driver connection's own module picks the closing rules,
+so they hold for an engine built any way, not only by :meth:`PoolSettings.create_async_engine`; an engine on any other
+driver is refused (:func:`check_url`, by the settings and the middleware alike).
 """
 
 from __future__ import annotations
@@ -14,12 +15,49 @@ from typing import Any
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL
 
+from ._parse import ConfigError, mask_url
+
 #: The async URL schemes asgi_dbpool supports, each tested against a real database.
-SUPPORTED = ("postgresql+asyncpg", "postgresql+psycopg", "mysql+aiomysql", "sqlite+aiosqlite")
+SUPPORTED = ("postgresql+asyncpg", "postgresql+psycopg", "mysql+aiomysql", "mysql+asyncmy", "sqlite+aiosqlite")
+#: The MySQL protocol drivers: COM_QUIT to close (``ensure_closed``), the transport alone to abort (``close``).
+MYSQL_DRIVERS = ("aiomysql", "asyncmy")
+
+
+def check_url(url: URL, where: str) -> None:
+    """Raise :class:`ConfigError` for an async URL whose connections asgi_dbpool cannot close, time out or size: a
+    driver outside :data:`SUPPORTED`, or an in-memory SQLite. ``where`` names the setting or the engine."""
+    if url.drivername not in SUPPORTED:
+        raise ConfigError(
+            f"{where}={mask_url(url)!r} uses the driver {url.drivername!r}, which asgi_dbpool does not support; use "
+            f"one of {list(SUPPORTED)}."
+        )
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        raise ConfigError(
+            f"{where}={mask_url(url)!r} is an in-memory SQLite database, which lives in one connection and has no "
+            "pool to size; use a file: sqlite+aiosqlite:///path/app.db."
+        )
+
+
+def check_engine(engine: Any, name: str) -> None:
+    """:func:`check_url` for an engine given to the middleware by ``name``."""
+    check_url(engine.url, f"engine {name!r} url")
+
+
+def check_sync_engine(engine: Any, index: int) -> Any:
+    """A ``sync_engines=`` engine, refused when it is the sync side of an async driver: its connections can be
+    used and closed only from the event loop (its startup ping fails with MissingGreenlet), so it is no legacy
+    engine. Sync drivers are not otherwise restricted: the middleware only disposes of them, in a thread."""
+    if engine.dialect.is_async:
+        raise ConfigError(
+            f"sync_engines[{index}] url={mask_url(engine.url)!r} uses the async driver {engine.url.drivername!r}; "
+            "pass its AsyncEngine as engine= (a mapping of names to engines takes several) instead."
+        )
+    return engine
 
 
 def driver_name(connection: Any) -> str:
-    """The top-level module of a driver connection: ``asyncpg``, ``psycopg``, ``aiomysql``, ``aiosqlite``."""
+    """The top-level module of a driver connection: ``asyncpg``, ``psycopg``, ``aiomysql``, ``asyncmy``,
+    ``aiosqlite``."""
     return type(connection).__module__.partition(".")[0]
 
 
@@ -32,6 +70,9 @@ def is_closed(connection: Any) -> bool:
         return bool(connection.is_closed())
     if driver == "aiosqlite":
         return connection._connection is None  # aiosqlite has no public flag; close() sets this to None
+    if driver == "asyncmy":
+        # Before asyncmy 0.2.18 close() (an abort) leaves it True; ensure_closed() then only closes (0.2.13+).
+        return not connection.connected
     return bool(connection.closed)  # psycopg, aiomysql
 
 
@@ -40,7 +81,7 @@ async def close_gracefully(connection: Any, seconds: float) -> None:
     driver = driver_name(connection)
     if driver == "asyncpg":
         await connection.close(timeout=seconds)  # asyncpg aborts the socket itself on its own timeout
-    elif driver == "aiomysql":
+    elif driver in MYSQL_DRIVERS:
         await connection.ensure_closed()  # COM_QUIT, then the socket; close() alone is what the server counts aborted
     else:
         await connection.close()  # psycopg: libpq's PQfinish sends Terminate without waiting; aiosqlite: its thread
@@ -51,7 +92,7 @@ def abort(connection: Any) -> None:
     driver = driver_name(connection)
     if driver == "asyncpg":
         connection.terminate()
-    elif driver == "aiomysql":
+    elif driver in MYSQL_DRIVERS:
         connection.close()  # the transport only, no COM_QUIT
     elif driver == "psycopg":
         connection.pgconn.finish()  # what close() does, without the async wrapper

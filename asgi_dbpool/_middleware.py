@@ -16,6 +16,7 @@ from . import _otel
 from ._advice import Topology, workers_from_env
 from ._checkout import InFlight, LateCommits, current_request, current_task
 from ._connections import SERVICE_RESTART, answer_cancelled
+from ._dialects import check_engine, check_sync_engine
 from ._lifecycle import Lifecycle
 from ._monitor import PoolMonitor
 from ._options import DEFAULT_STATS_PATH, Options
@@ -117,7 +118,9 @@ class DBPoolMiddleware:
         for name, value in named.items():
             if not isinstance(value, AsyncEngine):
                 raise TypeError(f"engine {name!r} must be an AsyncEngine, got {value!r}.")
+            check_engine(value, name)  # a driver asgi_dbpool does not handle: ConfigError, as PoolSettings says
         self.engines: dict[str, AsyncEngine] = named
+        sync_engines = [check_sync_engine(eng, i) for i, eng in enumerate(sync_engines)]
         trackers = [tracker_for(eng, name) for name, eng in named.items()]
         sync_trackers = [tracker_for(eng, f"sync:{i}") for i, eng in enumerate(sync_engines)]
         # The budget check's multipliers; WEB_CONCURRENCY is read now, so a malformed value fails at construction.
