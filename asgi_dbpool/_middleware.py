@@ -125,7 +125,7 @@ class DBPoolMiddleware:
         sync_trackers = [tracker_for(eng, f"sync:{i}") for i, eng in enumerate(sync_engines)]
         # The budget check's multipliers; WEB_CONCURRENCY is read now, so a malformed value fails at construction.
         topology = Topology(options.workers or workers_from_env(), options.hosts, options.pgbouncer_pool_size)
-        self.lifecycle = Lifecycle(app, options, trackers, sync_trackers, topology)
+        self.lifecycle = Lifecycle(self.app, options, trackers, sync_trackers, topology)
         self.retry_after = options.retry_after
         self.stats_path = options.stats_path
         self.opentelemetry = _otel.enroll(self.all_trackers())

@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import pytest
@@ -392,6 +392,8 @@ def test_after_a_failed_startup_requests_pass_through(engines: Engines) -> None:
 class ASGI2:
     """An ASGI 2 app: the class is called with the scope, the instance with receive and send."""
 
+    lifespan: ClassVar[list[str]] = []  # the lifespan messages it received
+
     def __init__(self, scope: Any) -> None:
         self.scope = scope
 
@@ -399,6 +401,7 @@ class ASGI2:
         if self.scope["type"] == "lifespan":
             while True:
                 message = await receive()
+                ASGI2.lifespan.append(message["type"])
                 await send({"type": message["type"] + ".complete"})
                 if message["type"] == "lifespan.shutdown":
                     return
@@ -410,6 +413,8 @@ def test_an_asgi2_app_works_as_under_testclient(wrapped: bool, engines: Engines)
     """Before: ``TypeError: ... takes 1 positional argument but 3 were given`` at the first request."""
     engine = engines()
     app: Any = DBPoolMiddleware(ASGI2, engine) if wrapped else ASGI2
+    ASGI2.lifespan.clear()
     with TestClient(app) as client:
         assert client.get("/x").text == "asgi2 /x"
+    assert ASGI2.lifespan == ["lifespan.startup", "lifespan.shutdown"]  # its own lifespan ran, wrapped too
     asyncio.run(engine.dispose())
