@@ -131,10 +131,12 @@ async def make_engine(database_url: str) -> AsyncIterator[Callable[..., AsyncEng
     assert unclean_disconnects(list(left)) == []
 
 
-# -- the other drivers: psycopg 3 on the same PostgreSQL, aiomysql on a real MariaDB, aiosqlite on a file ----------
+# -- the other drivers: psycopg 3 on the same PostgreSQL, aiomysql and asyncmy on a real MariaDB, aiosqlite on a file -
 
 #: Every async driver asgi_dbpool supports; tests parametrized over ``driver`` run against each.
-DRIVERS = ("asyncpg", "psycopg", "aiomysql", "aiosqlite")
+DRIVERS = ("asyncpg", "psycopg", "aiomysql", "asyncmy", "aiosqlite")
+#: The drivers that run on the session's MariaDB.
+MARIADB_DRIVERS = ("aiomysql", "asyncmy")
 
 
 @pytest.fixture(scope="session")
@@ -152,7 +154,7 @@ def url_for(driver: str, request: pytest.FixtureRequest, directory: Path) -> str
     if driver in ("asyncpg", "psycopg"):
         url = make_url(request.getfixturevalue("database_url")).set(drivername=f"postgresql+{driver}")
         return url.render_as_string(hide_password=False)
-    if driver == "aiomysql":
+    if driver in MARIADB_DRIVERS:
         server: MariaDB = request.getfixturevalue("mariadb")
         return server.url(driver)
     return f"sqlite+aiosqlite:///{directory / 'app.db'}"
@@ -206,7 +208,7 @@ def driver_url(driver: str, request: pytest.FixtureRequest, tmp_path: Path) -> s
 @pytest.fixture
 async def driver_engine(driver: str, driver_url: str, request: pytest.FixtureRequest) -> AsyncIterator[DriverEngines]:
     """Engine factory for ``driver``; after the test nothing of them may be left on the server, nor end uncleanly."""
-    server = request.getfixturevalue("mariadb") if driver == "aiomysql" else None
+    server = request.getfixturevalue("mariadb") if driver in MARIADB_DRIVERS else None
     factory = DriverEngines(driver, driver_url, server)
     yield factory
     for engine in factory.made:

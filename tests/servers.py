@@ -36,7 +36,7 @@ NOISE_MARKERS = (
     "Exception in 'lifespan' protocol",
 )
 NOISY_LOGGERS = re.compile(
-    r"^(WARNING|ERROR|CRITICAL) (sqlalchemy|asyncpg|psycopg|aiomysql|aiosqlite|asyncio|py\.warnings)\b", re.M
+    r"^(WARNING|ERROR|CRITICAL) (sqlalchemy|asyncpg|psycopg|aiomysql|asyncmy|aiosqlite|asyncio|py\.warnings)\b", re.M
 )
 
 
@@ -119,7 +119,7 @@ class Run:
     database_url: str
     log_path: Path
     direct_url: str | None = None  # the PostgreSQL the checks read, when database_url is a PgBouncer's
-    mariadb: MariaDB | None = None  # the server behind a mysql+aiomysql database_url (its checks read it)
+    mariadb: MariaDB | None = None  # the server behind a mysql+aiomysql/asyncmy database_url (its checks read it)
     aborted_before: dict[str, int] = dataclasses.field(default_factory=dict)  # MariaDB's Aborted_* at start
     log_offset: int = 0  # MariaDB's error log size at start
     name: str = dataclasses.field(default_factory=lambda: f"m_{uuid.uuid4().hex[:10]}")

@@ -1,23 +1,29 @@
 """Per driver: the engine PoolSettings builds (the query timeout in the driver's own terms, really enforced), the
-ConfigError for a driver asgi_dbpool does not support, and the connection-budget check and advice per dialect."""
+ConfigError for a driver asgi_dbpool does not support (from PoolSettings and from the middleware), and the
+connection-budget check and advice per dialect."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from sqlalchemy import create_engine, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.applications import Starlette
 
 from asgi_dbpool import ConfigError, DBPoolMiddleware, PoolSettings, mask_url
+from asgi_dbpool.pool.dialects import abort, wait_closed
+from tests.conftest import MARIADB_DRIVERS
+from tests.mariadb import MariaDB
 
 pytestmark = pytest.mark.anyio
 PATH = "/api/system/database/pool"
@@ -26,10 +32,17 @@ PATH = "/api/system/database/pool"
 TIMEOUT_READ = {
     "psycopg": ("SHOW statement_timeout", "1500ms"),
     "aiomysql": ("SELECT @@max_statement_time", 1.5),
+    "asyncmy": ("SELECT @@max_statement_time", 1.5),
     "aiosqlite": ("PRAGMA busy_timeout", 1500),  # sqlite3's timeout is its busy timeout, in milliseconds
 }
 #: A query that outlasts a 0.3 s timeout, where the database has one.
-SLOW = {"asyncpg": "SELECT pg_sleep(5)", "psycopg": "SELECT pg_sleep(5)", "aiomysql": "SELECT SLEEP(5)"}
+SLOW = {
+    "asyncpg": "SELECT pg_sleep(5)",
+    "psycopg": "SELECT pg_sleep(5)",
+    "aiomysql": "SELECT SLEEP(5)",
+    "asyncmy": "SELECT SLEEP(5)",
+}
+SUPPORTED = "['postgresql+asyncpg', 'postgresql+psycopg', 'mysql+aiomysql', 'mysql+asyncmy', 'sqlite+aiosqlite']"
 
 
 async def test_settings_build_an_engine_with_the_drivers_own_query_timeout(driver: str, driver_url: str) -> None:
@@ -48,7 +61,7 @@ async def test_settings_build_an_engine_with_the_drivers_own_query_timeout(drive
         await engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg", "aiomysql"])
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg", "aiomysql", "asyncmy"])
 async def test_the_query_timeout_cuts_a_slow_query(driver: str, driver_url: str) -> None:
     engine = PoolSettings(pool_size=1, max_overflow=0, query_timeout=0.3).create_async_engine(driver_url)
     try:
@@ -63,6 +76,7 @@ async def test_the_query_timeout_cuts_a_slow_query(driver: str, driver_url: str)
             expected = {
                 "psycopg": "canceling statement due to statement timeout",
                 "aiomysql": "max_statement_time exceeded",
+                "asyncmy": "max_statement_time exceeded",
             }[driver]
             assert expected in said, said
         async with engine.connect() as conn:  # the pool goes on working
@@ -71,14 +85,14 @@ async def test_the_query_timeout_cuts_a_slow_query(driver: str, driver_url: str)
         await engine.dispose()
 
 
-@pytest.mark.parametrize("scheme", ["mysql+asyncmy", "postgresql+psycopg_async", "mssql+aioodbc", "oracle+oracledb"])
+@pytest.mark.parametrize("scheme", ["mariadb+asyncmy", "postgresql+psycopg_async", "mssql+aioodbc", "oracle+oracledb"])
 def test_an_unsupported_driver_is_a_config_error_naming_it(scheme: str) -> None:
     url = f"{scheme}://u:secret@db/app"
     with pytest.raises(ConfigError) as info:
         PoolSettings().create_async_engine(url)
     assert str(info.value) == (
         f"url='{scheme}://u:***@db/app' uses the driver {scheme!r}, which asgi_dbpool does not support; use one of "
-        "['postgresql+asyncpg', 'postgresql+psycopg', 'mysql+aiomysql', 'sqlite+aiosqlite']."
+        f"{SUPPORTED}."
     )
     variable = re.escape(f"ASYNC_DATABASE_URL='{scheme}://u:***@db/app' uses the unsupported scheme {scheme!r};")
     with pytest.raises(ConfigError, match=f"^{variable}"):
@@ -101,6 +115,65 @@ def test_in_memory_sqlite_and_pgbouncer_on_mysql_are_config_errors() -> None:
     )
 
 
+#: Engines SQLAlchemy builds but asgi_dbpool does not handle, and the end of the middleware's one sentence.
+REFUSED_ENGINES = [
+    ("postgresql+psycopg_async://u:secret@db/app", "uses the driver 'postgresql+psycopg_async', which"),
+    ("mariadb+aiomysql://u:secret@db/app", "uses the driver 'mariadb+aiomysql', which"),
+    ("mariadb+asyncmy://u:secret@db/app", "uses the driver 'mariadb+asyncmy', which"),
+    ("sqlite+aiosqlite://", "is an in-memory SQLite database, which"),
+    ("sqlite+aiosqlite:///:memory:", "is an in-memory SQLite database, which"),
+]
+
+
+@pytest.mark.parametrize(("url", "said"), REFUSED_ENGINES)
+async def test_the_middleware_refuses_an_engine_it_cannot_close_at_construction(url: str, said: str) -> None:
+    """The same rule and sentence as PoolSettings (one check): before, such an engine was taken without a word and
+    its connections were left to the garbage collector at shutdown (asyncmy: AttributeError in the shutdown)."""
+    engine = create_async_engine(url)
+    good = create_async_engine("sqlite+aiosqlite:///unused.db")  # never connected
+    try:
+        with pytest.raises(ConfigError) as info:
+            DBPoolMiddleware(Starlette(), engine)
+        masked = mask_url(engine.url)
+        assert str(info.value).startswith(f"engine 'default' url={masked!r} {said}")
+        if "driver" in said:
+            assert str(info.value).endswith(f"which asgi_dbpool does not support; use one of {SUPPORTED}.")
+        else:
+            assert str(info.value).endswith("has no pool to size; use a file: sqlite+aiosqlite:///path/app.db.")
+        assert "secret" not in str(info.value)
+        with pytest.raises(ConfigError, match=r"^engine 'reports' url="):  # by its name in a mapping
+            DBPoolMiddleware(Starlette(), {"primary": good, "reports": engine})
+        with pytest.raises(ConfigError, match=r"^url="):  # PoolSettings says the same of the URL
+            PoolSettings().create_async_engine(url)
+        DBPoolMiddleware(Starlette(), good)  # the control: a supported engine is taken
+    finally:
+        await engine.dispose()
+        await good.dispose()
+
+
+async def test_the_middleware_refuses_an_async_drivers_engine_as_a_sync_one(tmp_path: Path) -> None:
+    """An AsyncEngine's sync_engine given as a legacy engine would fail the startup ping with MissingGreenlet (and
+    leave a coroutine never awaited); a sync engine on any sync driver is taken (the middleware only disposes of it,
+    in a thread)."""
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}")
+    other = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}")
+    legacy = create_engine(f"sqlite:///{tmp_path / 'c.db'}")
+    try:
+        with pytest.raises(ConfigError) as info:
+            DBPoolMiddleware(Starlette(), engine, sync_engines=[legacy, other.sync_engine])
+        assert str(info.value) == (
+            f"sync_engines[1] url={mask_url(other.url)!r} uses the async driver 'sqlite+aiosqlite'; pass its "
+            "AsyncEngine as engine= (a mapping of names to engines takes several) instead."
+        )
+        app = DBPoolMiddleware(Starlette(), engine, sync_engines=iter([legacy]))  # any iterable, as before
+        async with LifespanManager(app):
+            assert [t.name for t in app.all_trackers()] == ["default", "sync:0"]
+    finally:
+        await engine.dispose()
+        await other.dispose()
+        legacy.dispose()
+
+
 def test_database_url_keeps_an_async_driver_and_gives_plain_postgresql_asyncpg() -> None:
     def url(raw: str) -> str:
         return PoolSettings.from_env({"DATABASE_URL": raw}).async_url().drivername
@@ -109,10 +182,11 @@ def test_database_url_keeps_an_async_driver_and_gives_plain_postgresql_asyncpg()
     assert url("postgresql+psycopg2://u@h/d") == "postgresql+asyncpg"
     assert url("postgresql+psycopg://u@h/d") == "postgresql+psycopg"  # psycopg 3 is async itself
     assert url("mysql+aiomysql://u@h/d") == "mysql+aiomysql"
+    assert url("mysql+asyncmy://u@h/d") == "mysql+asyncmy"
     assert url("sqlite+aiosqlite:///x.db") == "sqlite+aiosqlite"
 
 
-@pytest.mark.parametrize("driver", ["aiomysql"])
+@pytest.mark.parametrize("driver", ["aiomysql", "asyncmy"])
 async def test_mariadb_budget_is_checked_against_its_max_connections(
     caplog: pytest.LogCaptureFixture, driver_engine: Callable[..., AsyncEngine]
 ) -> None:
@@ -131,6 +205,34 @@ async def test_mariadb_budget_is_checked_against_its_max_connections(
     assert [r for r in caplog.records if r.levelno >= logging.WARNING or "connection budget" in r.getMessage()] == []
 
 
+@pytest.mark.parametrize("driver", MARIADB_DRIVERS)
+async def test_mysql_drivers_close_with_com_quit_or_abort_and_the_pool_then_closes_quietly(
+    driver: str, driver_url: str, mariadb: MariaDB, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the shutdown does to each connection: a graceful close says COM_QUIT (the server counts nothing), an
+    abort cuts the socket (the server counts one aborted client); either way the pool's own close afterwards (the
+    dispose) finds it closed and logs nothing. asyncmy before 0.2.13 raised there (its close() left it 'connected')."""
+    caplog.set_level(logging.WARNING)
+    engine = create_async_engine(driver_url, pool_size=2)
+    before = await asyncio.to_thread(mariadb.aborted)
+    offset = len(mariadb.log_text())
+    try:
+        async with engine.connect() as a, engine.connect() as b:
+            polite = (await a.get_raw_connection()).driver_connection
+            cut = (await b.get_raw_connection()).driver_connection
+        assert await wait_closed(polite, 2.0) is True
+        abort(cut)
+        assert await wait_closed(cut, 2.0) is True  # nothing left to close, nothing raised
+    finally:
+        await engine.dispose()
+    assert await asyncio.to_thread(mariadb.wait_for_no_connections) == 0
+    after = await asyncio.to_thread(mariadb.aborted)
+    assert after["Aborted_clients"] - before["Aborted_clients"] == 1
+    assert after["Aborted_connects"] == before["Aborted_connects"]
+    assert len(mariadb.aborted_lines(offset)) == 1
+    assert [r.getMessage() for r in caplog.records] == []
+
+
 @pytest.mark.parametrize("driver", ["aiosqlite"])
 async def test_sqlite_has_no_budget_and_says_nothing_about_one(
     caplog: pytest.LogCaptureFixture, driver_engine: Callable[..., AsyncEngine]
@@ -144,7 +246,7 @@ async def test_sqlite_has_no_budget_and_says_nothing_about_one(
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-@pytest.mark.parametrize("driver", ["aiomysql"])
+@pytest.mark.parametrize("driver", ["aiomysql", "asyncmy"])
 async def test_mariadb_advice_fits_recycle_to_wait_timeout(driver_engine: Callable[..., AsyncEngine]) -> None:
     engine = driver_engine(pool_size=2, max_overflow=2, connect_args={"init_command": "SET SESSION wait_timeout=600"})
     app = DBPoolMiddleware(Starlette(), engine)

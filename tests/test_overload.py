@@ -26,7 +26,7 @@ pytestmark = pytest.mark.anyio
 HOLD = 0.4  # seconds each request holds its connection, after one query (every driver: SQLite has no sleep)
 #: Every app kind on asyncpg; the Starlette app on every driver.
 KINDS_AND_DRIVERS = [(kind, "asyncpg") for kind in ("raw", "starlette", "fastapi")] + [
-    ("starlette", driver) for driver in ("psycopg", "aiomysql", "aiosqlite")
+    ("starlette", driver) for driver in ("psycopg", "aiomysql", "asyncmy", "aiosqlite")
 ]
 
 

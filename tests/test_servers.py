@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import url_for
+from tests.conftest import MARIADB_DRIVERS, url_for
 from tests.mariadb import MariaDB
 from tests.servers import Run, drive
 
@@ -142,12 +142,12 @@ async def run_driver_case(
     driver: str, server: str, wrapped: bool, request: pytest.FixtureRequest, tmp_path: Path
 ) -> Run:
     url = url_for(driver, request, tmp_path)
-    mariadb = request.getfixturevalue("mariadb") if driver == "aiomysql" else None
+    mariadb = request.getfixturevalue("mariadb") if driver in MARIADB_DRIVERS else None
     return await run_case(server, "sigterm", wrapped, url, tmp_path, mariadb)
 
 
 @pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
-@pytest.mark.parametrize("driver", ["psycopg", "aiomysql", "aiosqlite"])
+@pytest.mark.parametrize("driver", ["psycopg", "aiomysql", "asyncmy", "aiosqlite"])
 async def test_every_driver_shuts_down_clean_on_sigterm(
     driver: str, server: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -155,7 +155,7 @@ async def test_every_driver_shuts_down_clean_on_sigterm(
     await check_clean(run, server, "sigterm")
 
 
-@pytest.mark.parametrize("driver", ["psycopg", "aiomysql"])
+@pytest.mark.parametrize("driver", ["psycopg", "aiomysql", "asyncmy"])
 async def test_control_per_driver_without_the_middleware(
     driver: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:

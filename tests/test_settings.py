@@ -130,7 +130,7 @@ BAD = [
     ("DB_POOL_PRE_PING", "", "is not a boolean"),
     ("ENVIRONMENT", "", "is not an environment name"),
     ("ENVIRONMENT", "prod uction", "is not an environment name"),
-    ("ASYNC_DATABASE_URL", "mysql+asyncmy://u:p@h/db", "unsupported scheme 'mysql+asyncmy'"),
+    ("ASYNC_DATABASE_URL", "mariadb+asyncmy://u:p@h/db", "unsupported scheme 'mariadb+asyncmy'"),
     ("ASYNC_DATABASE_URL", "not a url", "is not a database URL"),
     ("DATABASE_URL", "sqlite:///x.db", "unsupported scheme 'sqlite'"),
     ("WEB_CONCURRENCY", "four", "is not a whole number"),

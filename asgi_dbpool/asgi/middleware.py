@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from ..base.types import STATE_KEY, ASGIApp, Receive, Scope, Send
+from ..config.drivers import check_engine, check_sync_engine
 from ..config.options import DEFAULT_STATS_PATH, Options
 from ..lifecycle.lifecycle import Lifecycle
 from ..lifecycle.startup import StartupError
@@ -121,12 +122,14 @@ class DBPoolMiddleware:
         for name, value in named.items():
             if not isinstance(value, AsyncEngine):
                 raise TypeError(f"engine {name!r} must be an AsyncEngine, got {value!r}.")
+            check_engine(value, name)  # a driver asgi_dbpool does not handle: ConfigError, as PoolSettings says
         self.engines: dict[str, AsyncEngine] = named
+        sync_engines = [check_sync_engine(eng, i) for i, eng in enumerate(sync_engines)]
         trackers = [tracker_for(eng, name) for name, eng in named.items()]
         sync_trackers = [tracker_for(eng, f"sync:{i}") for i, eng in enumerate(sync_engines)]
         # The budget check's multipliers; WEB_CONCURRENCY is read now, so a malformed value fails at construction.
         topology = Topology(options.workers or workers_from_env(), options.hosts, options.pgbouncer_pool_size)
-        self.lifecycle = Lifecycle(app, options, trackers, sync_trackers, topology, ConnectionTracker())
+        self.lifecycle = Lifecycle(self.app, options, trackers, sync_trackers, topology, ConnectionTracker())
         self.retry_after = options.retry_after
         self.stats_path = options.stats_path
         self.opentelemetry = _otel.enroll(self.all_trackers())

@@ -8,8 +8,42 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import URL
 
+from .parse import ConfigError, mask_url
+
 #: The async URL schemes asgi_dbpool supports, each tested against a real database.
-SUPPORTED = ("postgresql+asyncpg", "postgresql+psycopg", "mysql+aiomysql", "sqlite+aiosqlite")
+SUPPORTED = ("postgresql+asyncpg", "postgresql+psycopg", "mysql+aiomysql", "mysql+asyncmy", "sqlite+aiosqlite")
+
+
+def check_url(url: URL, where: str) -> None:
+    """Raise :class:`ConfigError` for an async URL whose connections asgi_dbpool cannot close, time out or size: a
+    driver outside :data:`SUPPORTED`, or an in-memory SQLite. ``where`` names the setting or the engine."""
+    if url.drivername not in SUPPORTED:
+        raise ConfigError(
+            f"{where}={mask_url(url)!r} uses the driver {url.drivername!r}, which asgi_dbpool does not support; use "
+            f"one of {list(SUPPORTED)}."
+        )
+    if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+        raise ConfigError(
+            f"{where}={mask_url(url)!r} is an in-memory SQLite database, which lives in one connection and has no "
+            "pool to size; use a file: sqlite+aiosqlite:///path/app.db."
+        )
+
+
+def check_engine(engine: Any, name: str) -> None:
+    """:func:`check_url` for an engine given to the middleware by ``name``."""
+    check_url(engine.url, f"engine {name!r} url")
+
+
+def check_sync_engine(engine: Any, index: int) -> Any:
+    """A ``sync_engines=`` engine, refused when it is the sync side of an async driver: its connections can be
+    used and closed only from the event loop (its startup ping fails with MissingGreenlet), so it is no legacy
+    engine. Sync drivers are not otherwise restricted: the middleware only disposes of them, in a thread."""
+    if engine.dialect.is_async:
+        raise ConfigError(
+            f"sync_engines[{index}] url={mask_url(engine.url)!r} uses the async driver {engine.url.drivername!r}; "
+            "pass its AsyncEngine as engine= (a mapping of names to engines takes several) instead."
+        )
+    return engine
 
 
 # -- the query timeout, in each driver's own terms ---------------------------------------------------------------------

@@ -22,7 +22,15 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 #: Async schemes: the plain PostgreSQL ones mean asyncpg; each driver is tested against a real database.
 ASYNC_DRIVERS = frozenset(
-    {"postgresql", "postgres", "postgresql+asyncpg", "postgresql+psycopg", "mysql+aiomysql", "sqlite+aiosqlite"}
+    {
+        "postgresql",
+        "postgres",
+        "postgresql+asyncpg",
+        "postgresql+psycopg",
+        "mysql+aiomysql",
+        "mysql+asyncmy",
+        "sqlite+aiosqlite",
+    }
 )
 SYNC_DRIVERS = frozenset({"postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg", "postgresql+pg8000"})
 

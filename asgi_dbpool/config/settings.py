@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import URL, make_url
 
-from .drivers import SUPPORTED, mysql_query_timeout, query_timeout_options
+from .drivers import SUPPORTED, check_url, mysql_query_timeout, query_timeout_options
 from .options import DEFAULT_STATS_PATH, MiddlewareOptions, Options
 from .parse import (
     ASYNC_DRIVERS,
@@ -211,9 +211,10 @@ class PoolSettings:
         """Build an :class:`AsyncEngine` with these pool options and ``query_timeout`` in the driver's own terms.
 
         ``query_timeout`` is asyncpg's ``command_timeout`` (the client cancels the query); with psycopg, the session's
-        ``statement_timeout`` (the server cancels it); with aiomysql, MariaDB's ``max_statement_time`` (MySQL's
-        ``max_execution_time``, SELECTs only) set on each new connection; with aiosqlite, sqlite3's ``timeout``, the
-        wait for a lock (SQLite has no query timeout). Any other driver is a :class:`ConfigError` naming it.
+        ``statement_timeout`` (the server cancels it); with aiomysql and asyncmy, MariaDB's ``max_statement_time``
+        (MySQL's ``max_execution_time``, SELECTs only) set on each new connection; with aiosqlite, sqlite3's
+        ``timeout``, the wait for a lock (SQLite has no query timeout). Any other driver is a :class:`ConfigError`
+        naming it, here and in ``DBPoolMiddleware``.
 
         With ``pgbouncer="transaction"``: PgBouncer in transaction mode hands each transaction to any server
         connection, but a prepared statement lives on the one server connection that prepared it. So asyncpg's
@@ -230,16 +231,7 @@ class PoolSettings:
         target = self.async_url() if url is None else make_url(url)
         variable = "ASYNC_DATABASE_URL" if url is None and self.async_database_url else "DATABASE_URL"
         variable = "url" if url is not None else variable
-        if target.drivername not in SUPPORTED:
-            raise ConfigError(
-                f"{variable}={mask_url(target)!r} uses the driver {target.drivername!r}, which asgi_dbpool does not "
-                f"support; use one of {list(SUPPORTED)}."
-            )
-        if target.get_backend_name() == "sqlite" and target.database in (None, "", ":memory:"):
-            raise ConfigError(
-                f"{variable}={mask_url(target)!r} is an in-memory SQLite database, which lives in one connection and "
-                "has no pool to size; use a file: sqlite+aiosqlite:///path/app.db."
-            )
+        check_url(target, variable)  # the middleware refuses an engine by the same rule
         if self.pgbouncer in ("session", "transaction") and target.get_backend_name() != "postgresql":
             raise ConfigError(
                 f"pgbouncer={self.pgbouncer!r} (DB_PGBOUNCER) is for PostgreSQL, but the engine's URL is "

@@ -2,9 +2,10 @@
 its connections is closed (gracefully, else aborted) at shutdown. (Its URL scheme and its query timeout, set when an
 engine is built, are :mod:`asgi_dbpool.config.drivers`.)
 
-Supported and tested: ``postgresql+asyncpg``, ``postgresql+psycopg`` (psycopg 3, async), ``mysql+aiomysql`` (on
-MariaDB) and ``sqlite+aiosqlite``. The driver connection's own module picks the closing rules, so they hold for an
-engine built any way, not only by :meth:`PoolSettings.create_async_engine`.
+Supported and tested: ``postgresql+asyncpg``, ``postgresql+psycopg`` (psycopg 3, async), ``mysql+aiomysql`` and
+``mysql+asyncmy`` (on MariaDB) and ``sqlite+aiosqlite``. The driver connection's own module picks the closing rules,
+so they hold for an engine built any way, not only by :meth:`PoolSettings.create_async_engine`; an engine on any other
+driver is refused (:func:`asgi_dbpool.config.drivers.check_url`, by the settings and the middleware alike).
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from typing import Any
 
 from sqlalchemy import text
 
+#: The MySQL protocol drivers: COM_QUIT to close (``ensure_closed``), the transport alone to abort (``close``).
+MYSQL_DRIVERS = ("aiomysql", "asyncmy")
+
 
 def driver_name(connection: Any) -> str:
-    """The top-level module of a driver connection: ``asyncpg``, ``psycopg``, ``aiomysql``, ``aiosqlite``."""
+    """The top-level module of a driver connection: ``asyncpg``, ``psycopg``, ``aiomysql``, ``asyncmy``,
+    ``aiosqlite``."""
     return type(connection).__module__.partition(".")[0]
 
 
@@ -29,6 +34,9 @@ def is_closed(connection: Any) -> bool:
         return bool(connection.is_closed())
     if driver == "aiosqlite":
         return connection._connection is None  # aiosqlite has no public flag; close() sets this to None
+    if driver == "asyncmy":
+        # Before asyncmy 0.2.18 close() (an abort) leaves it True; ensure_closed() then only closes (0.2.13+).
+        return not connection.connected
     return bool(connection.closed)  # psycopg, aiomysql
 
 
@@ -37,7 +45,7 @@ async def close_gracefully(connection: Any, seconds: float) -> None:
     driver = driver_name(connection)
     if driver == "asyncpg":
         await connection.close(timeout=seconds)  # asyncpg aborts the socket itself on its own timeout
-    elif driver == "aiomysql":
+    elif driver in MYSQL_DRIVERS:
         await connection.ensure_closed()  # COM_QUIT, then the socket; close() alone is what the server counts aborted
     else:
         await connection.close()  # psycopg: libpq's PQfinish sends Terminate without waiting; aiosqlite: its thread
@@ -48,7 +56,7 @@ def abort(connection: Any) -> None:
     driver = driver_name(connection)
     if driver == "asyncpg":
         connection.terminate()
-    elif driver == "aiomysql":
+    elif driver in MYSQL_DRIVERS:
         connection.close()  # the transport only, no COM_QUIT
     elif driver == "psycopg":
         connection.pgconn.finish()  # what close() does, without the async wrapper
