@@ -175,21 +175,38 @@ class ConnectionTracker:
         return outcome
 
 
-async def answer_cancelled(scope: Scope, send: Send, request: InFlight, retry_after: int) -> bool:
-    """Answer a request the server cancelled; False when it cannot be answered (its response had started).
+async def answer_cancelled(scope: Scope, send: Send, request: InFlight, retry_after: int) -> None:
+    """Answer a request the server cancelled while stopping, or end it quietly when its response had started.
 
     503 + Retry-After when nothing was committed (its transactions rolled back: safe to retry); 500 without
     Retry-After when a COMMIT was sent, since its changes may have been saved (a retry could apply them twice).
+    A response that had started cannot be answered again: the request ends without raising, since a server prints
+    whatever escapes as a traceback (uvicorn's ``Exception in ASGI application``); a response cut in the middle is
+    then closed by the server (uvicorn logs one line, ``ASGI callable returned without completing response``).
     """
+    method, path = scope.get("method"), scope.get("path")
+    if request.responded:  # the whole response went out (FastAPI's dependency teardown, a background step)
+        logger.info(
+            "%s %s was cancelled by the server (shutting down) after its response went out%s",
+            method,
+            path,
+            "; it had begun a commit" if request.committed else "",
+            extra=fields("cancelled", method=method, path=path, committed=request.committed, responded=True),
+        )
+        return
     if request.committed:
         answered = await respond(send, 500, SHUT_AFTER_COMMIT, retry_after=None, close=True)
     else:
         answered = await respond(send, 503, SHUTTING_DOWN, retry_after=retry_after, close=True)
+    extra = fields("cancelled", method=method, path=path, committed=request.committed, responded=False)
     if not answered:
-        return False
-    method, path = scope.get("method"), scope.get("path")
-    extra = fields("cancelled", method=method, path=path, committed=request.committed)
-    if request.committed:
+        logger.warning(
+            "%s %s was cancelled by the server (shutting down) in the middle of its response; the client gets it cut",
+            method,
+            path,
+            extra=extra,
+        )
+    elif request.committed:
         logger.warning("%s %s was cancelled by the server after it committed; answering 500", method, path, extra=extra)
     else:
         logger.warning(
@@ -198,7 +215,6 @@ async def answer_cancelled(scope: Scope, send: Send, request: InFlight, retry_af
             path,
             extra=extra,
         )
-    return True
 
 
 def _disconnect(code: int | None) -> dict[str, Any]:

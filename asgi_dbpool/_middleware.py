@@ -221,8 +221,8 @@ class DBPoolMiddleware:
             if kind == "websocket":
                 await self._websocket(scope, receive, send)
                 return
-            if not lifecycle.serving:  # no lifespan is running: shutting down, or served as the bare app would
-                if lifecycle.state == "stopping":
+            if not lifecycle.serving:  # shutting down, the server began to stop, or no lifespan is running
+                if lifecycle.state == "stopping" or lifecycle.state == "running":  # running: a stop signal came
                     await respond(send, 503, SHUTTING_DOWN, retry_after=self.retry_after, close=True)
                     return
                 await lifecycle.enter_unhosted()  # left in request_ended (connections.watched)
@@ -246,8 +246,8 @@ class DBPoolMiddleware:
                 if task is None:
                     raise
                 task.uncancel()
-                if not await answer_cancelled(scope, send, request, self.retry_after):
-                    raise
+                # Answered, or ended quietly when its response had started: raised, it would be a traceback.
+                await answer_cancelled(scope, send, request, self.retry_after)
             except Exception:
                 # A pool timeout (or a max_pending refusal) ended the request: 503 + Retry-After, not a 500.
                 exhausted = request.exhausted
@@ -273,7 +273,7 @@ class DBPoolMiddleware:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         lifecycle = self.lifecycle
-        if lifecycle.state == "stopping" or (lifecycle.serving and lifecycle.server_stopping):
+        if lifecycle.state == "stopping" or (lifecycle.state == "running" and lifecycle.server_stopping):
             await send({"type": "websocket.close", "code": 1001})
         elif lifecycle.serving:
             await lifecycle.connections.websocket(self.app, scope, receive, send)
