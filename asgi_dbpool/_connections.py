@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+from types import FrameType
 from typing import Any
 
-from ._checkout import InFlight, current_request, current_task
+from ._checkout import TASK_STEP, InFlight, current_request, current_task
 from ._records import fields
 from ._respond import SHUT_AFTER_COMMIT, SHUTTING_DOWN, respond
 from ._types import ASGIApp, Message, Receive, Scope, Send
@@ -173,6 +175,37 @@ class ConnectionTracker:
             if ws.interrupt is not None and not ws.interrupt.done():
                 ws.interrupt.set_result(None)
         return outcome
+
+
+#: Where the code that may call the middleware without expecting its cancellation lives: servers, the frameworks
+#: between a server and the middleware, asyncio and anyio, and the middleware itself.
+SERVER_SIDE = (
+    "/asgi_dbpool/",
+    "/asyncio/",
+    "-packages/anyio/",
+    "-packages/uvicorn/",
+    "-packages/uvicorn_worker/",
+    "-packages/hypercorn/",
+    "-packages/granian/",
+    "-packages/gunicorn/",
+    "-packages/starlette/",
+    "-packages/fastapi/",
+    "-packages/litestar/",
+)
+
+
+def cancelled_by_server() -> bool:
+    """A request's cancellation, when no stop was heard (hypercorn's worker hears no signal: its master tells it
+    through a shared event), is the server's when nothing above the middleware in the task is anyone else's code:
+    a timeout, a task group or an outer middleware of the app's or a test's is in a frame of theirs, and it is
+    theirs to handle. Read only on a cancellation: a walk of the caller's frames."""
+    frame: FrameType | None = sys._getframe(2)  # the middleware's caller
+    while frame is not None and frame.f_code is not TASK_STEP:  # above the task's step: the event loop's frames
+        filename = frame.f_code.co_filename
+        if not any(part in filename for part in SERVER_SIDE):
+            return False
+        frame = frame.f_back
+    return True
 
 
 async def answer_cancelled(scope: Scope, send: Send, request: InFlight, retry_after: int) -> None:

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from . import _otel
 from ._advice import Topology, workers_from_env
 from ._checkout import InFlight, LateCommits, current_request, current_task
-from ._connections import SERVICE_RESTART, answer_cancelled
+from ._connections import SERVICE_RESTART, answer_cancelled, cancelled_by_server
 from ._dialects import check_engine, check_sync_engine
 from ._lifecycle import Lifecycle
 from ._monitor import PoolMonitor
@@ -240,7 +240,7 @@ class DBPoolMiddleware:
                 # A server stopping cancels request tasks (its graceful-shutdown timeout ran out, a forced exit):
                 # then answer cleanly instead of a traceback and a 500 or a reset connection. Any other
                 # cancellation (a timeout around the call, a task group, an outer middleware) is the caller's.
-                if not (lifecycle.server_stopping or lifecycle.shutting_down):
+                if not (lifecycle.server_stopping or lifecycle.shutting_down or cancelled_by_server()):
                     raise
                 task = current_task()
                 if task is None:
