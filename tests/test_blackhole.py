@@ -131,7 +131,11 @@ async def test_stuck_requests_and_pooled_connections(
         assert run.exit_code == NORMAL_EXIT[server], output
         assert statuses == [503, 503, 503], output
         assert run.noise() == [], output
-        assert f"{SILENT}2 connection(s) closed on our side" in shutdown_output(run)  # the 2 idle ones
+        # The 2 idle ones; under uvicorn the 3 cut writes' too: once the signal was heard, the middleware closes a
+        # cancelled holder's connection itself (docs/guarantees.md). hypercorn's worker hears no signal and cuts them
+        # before lifespan.shutdown: SQLAlchemy closes those in the requests' tasks, as before.
+        cut = 3 if server == "uvicorn" else 0
+        assert f"{SILENT}{2 + cut} connection(s) closed on our side" in shutdown_output(run)
     else:
         problems = {"cut requests": [s for s in statuses if s != 503], "noise": run.noise()}
         assert any(problems.values()), problems

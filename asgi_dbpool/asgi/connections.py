@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+from types import FrameType
 from typing import Any
 
 from ..base.records import fields
 from ..base.types import ASGIApp, Message, Receive, Scope, Send
 from ..lifecycle.shutdown import CLOSE_FRAME_TIMEOUT
-from ..pool.checkout import current_task
+from ..pool.checkout import TASK_STEP, current_task
 from .request import InFlight, current_request
 from .responses import SHUT_AFTER_COMMIT, SHUTTING_DOWN, respond
 
@@ -175,21 +177,69 @@ class ConnectionTracker:
         return outcome
 
 
-async def answer_cancelled(scope: Scope, send: Send, request: InFlight, retry_after: int) -> bool:
-    """Answer a request the server cancelled; False when it cannot be answered (its response had started).
+#: Where the code that may call the middleware without expecting its cancellation lives: servers, the frameworks
+#: between a server and the middleware, asyncio and anyio, and the middleware itself.
+SERVER_SIDE = (
+    "/asgi_dbpool/",
+    "/asyncio/",
+    "-packages/anyio/",
+    "-packages/uvicorn/",
+    "-packages/uvicorn_worker/",
+    "-packages/hypercorn/",
+    "-packages/granian/",
+    "-packages/gunicorn/",
+    "-packages/starlette/",
+    "-packages/fastapi/",
+    "-packages/litestar/",
+)
+
+
+def cancelled_by_server() -> bool:
+    """A request's cancellation, when no stop was heard (hypercorn's worker hears no signal: its master tells it
+    through a shared event), is the server's when nothing above the middleware in the task is anyone else's code:
+    a timeout, a task group or an outer middleware of the app's or a test's is in a frame of theirs, and it is
+    theirs to handle. Read only on a cancellation: a walk of the caller's frames."""
+    frame: FrameType | None = sys._getframe(2)  # the middleware's caller
+    while frame is not None and frame.f_code is not TASK_STEP:  # above the task's step: the event loop's frames
+        filename = frame.f_code.co_filename
+        if not any(part in filename for part in SERVER_SIDE):
+            return False
+        frame = frame.f_back
+    return True
+
+
+async def answer_cancelled(scope: Scope, send: Send, request: InFlight, retry_after: int) -> None:
+    """Answer a request the server cancelled while stopping, or end it quietly when its response had started.
 
     503 + Retry-After when nothing was committed (its transactions rolled back: safe to retry); 500 without
     Retry-After when a COMMIT was sent, since its changes may have been saved (a retry could apply them twice).
+    A response that had started cannot be answered again: the request ends without raising, since a server prints
+    whatever escapes as a traceback (uvicorn's ``Exception in ASGI application``); a response cut in the middle is
+    then closed by the server (uvicorn logs one line, ``ASGI callable returned without completing response``).
     """
+    method, path = scope.get("method"), scope.get("path")
+    if request.responded:  # the whole response went out (FastAPI's dependency teardown, a background step)
+        logger.info(
+            "%s %s was cancelled by the server (shutting down) after its response went out%s",
+            method,
+            path,
+            "; it had begun a commit" if request.committed else "",
+            extra=fields("cancelled", method=method, path=path, committed=request.committed, responded=True),
+        )
+        return
     if request.committed:
         answered = await respond(send, 500, SHUT_AFTER_COMMIT, retry_after=None, close=True)
     else:
         answered = await respond(send, 503, SHUTTING_DOWN, retry_after=retry_after, close=True)
+    extra = fields("cancelled", method=method, path=path, committed=request.committed, responded=False)
     if not answered:
-        return False
-    method, path = scope.get("method"), scope.get("path")
-    extra = fields("cancelled", method=method, path=path, committed=request.committed)
-    if request.committed:
+        logger.warning(
+            "%s %s was cancelled by the server (shutting down) in the middle of its response; the client gets it cut",
+            method,
+            path,
+            extra=extra,
+        )
+    elif request.committed:
         logger.warning("%s %s was cancelled by the server after it committed; answering 500", method, path, extra=extra)
     else:
         logger.warning(
@@ -198,7 +248,6 @@ async def answer_cancelled(scope: Scope, send: Send, request: InFlight, retry_af
             path,
             extra=extra,
         )
-    return True
 
 
 def _disconnect(code: int | None) -> dict[str, Any]:

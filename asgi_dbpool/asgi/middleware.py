@@ -25,7 +25,7 @@ from ..observe.monitor import PoolMonitor
 from ..pool.checkout import current_task
 from ..pool.registry import name_engines, tracker_for
 from ..pool.tracker import PoolTracker
-from .connections import SERVICE_RESTART, ConnectionTracker, answer_cancelled
+from .connections import SERVICE_RESTART, ConnectionTracker, answer_cancelled, cancelled_by_server
 from .late_commits import LateCommits, on_session_commit
 from .request import InFlight, current_request
 from .responses import POOL_EXHAUSTED, SHUTTING_DOWN, respond
@@ -227,8 +227,8 @@ class DBPoolMiddleware:
             if kind == "websocket":
                 await self._websocket(scope, receive, send)
                 return
-            if not lifecycle.serving:  # no lifespan is running: shutting down, or served as the bare app would
-                if lifecycle.state == "stopping":
+            if not lifecycle.serving:  # shutting down, the server began to stop, or no lifespan is running
+                if lifecycle.state == "stopping" or lifecycle.state == "running":  # running: a stop signal came
                     await respond(send, 503, SHUTTING_DOWN, retry_after=self.retry_after, close=True)
                     return
                 await lifecycle.enter_unhosted()  # left in request_ended (connections.watched)
@@ -246,14 +246,14 @@ class DBPoolMiddleware:
                 # A server stopping cancels request tasks (its graceful-shutdown timeout ran out, a forced exit):
                 # then answer cleanly instead of a traceback and a 500 or a reset connection. Any other
                 # cancellation (a timeout around the call, a task group, an outer middleware) is the caller's.
-                if not (lifecycle.server_stopping or lifecycle.shutting_down):
+                if not (lifecycle.server_stopping or lifecycle.shutting_down or cancelled_by_server()):
                     raise
                 task = current_task()
                 if task is None:
                     raise
                 task.uncancel()
-                if not await answer_cancelled(scope, send, request, self.retry_after):
-                    raise
+                # Answered, or ended quietly when its response had started: raised, it would be a traceback.
+                await answer_cancelled(scope, send, request, self.retry_after)
             except Exception:
                 # A pool timeout (or a max_pending refusal) ended the request: 503 + Retry-After, not a 500.
                 exhausted = request.exhausted
@@ -279,7 +279,7 @@ class DBPoolMiddleware:
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         lifecycle = self.lifecycle
-        if lifecycle.state == "stopping" or (lifecycle.serving and lifecycle.server_stopping):
+        if lifecycle.state == "stopping" or (lifecycle.state == "running" and lifecycle.server_stopping):
             await send({"type": "websocket.close", "code": 1001})
         elif lifecycle.serving:
             await lifecycle.connections.websocket(self.app, scope, receive, send)

@@ -28,7 +28,15 @@ from ..pool.tracker import PoolTracker
 from . import log_filter as _logfilter
 from . import shutdown_flag as _guard
 from .inner_lifespan import InnerLifespan, Outcome
-from .shutdown import CLOSE_FRAME_TIMEOUT, CONNECTION_CLOSE_TIMEOUT, FORCE_EXIT_BUDGET, ShutdownClock, close_engines
+from .shutdown import (
+    CLOSE_FRAME_TIMEOUT,
+    CONNECTION_CLOSE_TIMEOUT,
+    FORCE_EXIT_BUDGET,
+    ShutdownClock,
+    close_engines,
+    give_back,
+    take_over,
+)
 from .signals import DeferredTermination, noting_stop_signals, on_stop_signal
 from .startup import APP_EXIT_TIMEOUT, StartupError, check_budget, check_reachable, pool_logger_names
 
@@ -263,7 +271,7 @@ class Lifecycle(Generic[ConnectionsT]):
 
     async def server_stops(self, code: int) -> None:
         """The server began to stop (its shutdown trigger fired): close open WebSockets with ``code``; refuse more."""
-        self.server_stopping = True
+        self._server_began_stopping()
         deadline = asyncio.get_running_loop().time() + CLOSE_FRAME_TIMEOUT
         closed, pending = await self.connections.close_websockets(deadline, code)
         logger.info(
@@ -422,13 +430,24 @@ class Lifecycle(Generic[ConnectionsT]):
         self.state = "stopping"
         self.serving = False
         self.shutting_down = True
+        take_over(self.all_trackers)  # cancelled holders' connections: see _server_began_stopping
         _guard.app_stopping(self)
 
     def _signalled(self) -> None:
+        self._server_began_stopping()
+
+    def _server_began_stopping(self) -> None:
+        """A stop signal came while running, or the server's shutdown trigger fired: requests that arrive from now
+        on are refused (503 + Connection: close; see DBPoolMiddleware.__call__), those in flight go on."""
         self.server_stopping = True
+        if self.state == "running":
+            self.serving = False
+            # A forced exit may follow, cancelling every task at once: their connections get a goodbye of their own.
+            take_over(self.all_trackers)
 
     def _stopped(self) -> None:
         self.state = "stopped"
+        give_back(self.all_trackers)
         self.signal_watch.close()
         _guard.app_stopped(self)
 

@@ -4,12 +4,17 @@ engines' connections while the loop still runs."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Awaitable, Iterable, Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
+
+from sqlalchemy.util import await_only, greenlet_spawn
 
 from ..base.describe import describe_task, one_line
 from ..base.records import fields
+from ..pool.dialects import abort, wait_closed
 from ..pool.tracker import PoolTracker
 
 logger = logging.getLogger("asgi_dbpool")
@@ -31,6 +36,9 @@ CONNECTION_CLOSE_TIMEOUT = 0.5
 REAP_TIMEOUT = 0.5
 #: Seconds a server may take to accept a close frame at shutdown before the handler is interrupted anyway.
 CLOSE_FRAME_TIMEOUT = 1.0
+#: What a connection taken over from a cancelled holder is left of the budget's end: its close must be over (or
+#: aborted) before the budget's last wait runs out.
+TAKEN_OVER_MARGIN = 0.05
 
 
 class ShutdownClock:
@@ -87,6 +95,143 @@ class ShutdownClock:
         return len(pending)
 
 
+class _TakenOver:
+    """One engine's closes and commits taken over from SQLAlchemy while its app stops (see :func:`take_over`)."""
+
+    def __init__(self, terminate: Callable[[Any], None], commit: Callable[[Any], None]) -> None:
+        self.terminate, self.commit = terminate, commit  # the dialect's own, put back by give_back
+        self.closing: dict[asyncio.Task[bool], Any] = {}  # each close and its driver connection
+        self.committing: dict[asyncio.Task[None], asyncio.Task[Any] | None] = {}  # each COMMIT and its holder
+        self.deadline: float | None = None  # loop time by which every close is over: the budget's end, once known
+
+
+_TAKEN_OVER: weakref.WeakKeyDictionary[Any, _TakenOver] = weakref.WeakKeyDictionary()  # by dialect
+
+
+class _Committing(asyncio.Task[None]):
+    """A COMMIT sent while the app stops: nothing cancels it (a forced exit's ``asyncio.run`` cancels every task of
+    the loop at once, an anyio cancel scope its own at every ``await``). It ends with its answer, with the driver's
+    own query timeout, or when the shutdown closes its connection at the budget's end (see :func:`close_engines`)."""
+
+    def cancel(self, msg: Any = None) -> bool:
+        return False
+
+
+def take_over(trackers: Iterable[PoolTracker]) -> None:
+    """From now on (the server began to stop, or the shutdown did), on the async engines of ``trackers``: close in a
+    task of our own each connection SQLAlchemy invalidates, and let every COMMIT finish whatever happens to the task
+    that sent it.
+
+    A holder cancelled in the middle of a query (a forced exit, a graceful timeout that ran out) has its connection
+    invalidated by SQLAlchemy, which closes it in the holder's task: gracefully for up to 2 s (asyncpg cancels the
+    running statement, then says Terminate), unless the holder is cancelled again meanwhile, as an anyio cancel scope
+    does at every ``await`` (Starlette's ``BaseHTTPMiddleware`` runs the app in one): the socket is then aborted and
+    PostgreSQL logs ``Connection reset by peer`` and ``unexpected EOF on client connection with an open transaction``.
+    Taken over, the close is not in the holder's task: the running statement is cancelled and Terminate is said,
+    within the shutdown's budget, whatever happens to the holder.
+
+    A holder cancelled during its COMMIT would have the driver cancel the COMMIT (asyncpg sends PostgreSQL a cancel
+    request, which aborts it while deferred constraints or triggers run): a COMMIT the client may already have been
+    told about (FastAPI runs a ``yield`` dependency's commit after the response). Taken over, the COMMIT runs in a
+    task nothing cancels; the holder waits for it, then gets its cancellation; the shutdown closes the connection
+    only once it is over or the budget has run out.
+    """
+    for tracker in trackers:
+        if tracker.async_engine is None:
+            continue
+        dialect = tracker.engine.dialect
+        if dialect in _TAKEN_OVER:
+            continue
+        taken = _TakenOver(dialect.do_terminate, dialect.do_commit)
+        _TAKEN_OVER[dialect] = taken
+        dialect.do_terminate = functools.partial(_terminate, dialect, taken)  # type: ignore[method-assign]
+        dialect.do_commit = functools.partial(_commit, taken)  # type: ignore[method-assign]
+
+
+def give_back(trackers: Iterable[PoolTracker]) -> None:
+    """SQLAlchemy closes invalidated connections and commits as usual again (the app stopped)."""
+    for tracker in trackers:
+        dialect = tracker.engine.dialect
+        if _TAKEN_OVER.pop(dialect, None) is not None:
+            for name in ("do_terminate", "do_commit"):
+                if isinstance(vars(dialect).get(name), functools.partial):
+                    delattr(dialect, name)
+
+
+def _terminate(dialect: Any, taken: _TakenOver, dbapi_connection: Any) -> None:
+    """The dialect's ``do_terminate`` while its app stops: the close goes on in a task of its own."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no loop in this thread: SQLAlchemy's own way
+        taken.terminate(dbapi_connection)
+        return
+    driver = dialect.get_driver_connection(dbapi_connection)
+    if driver is None:
+        taken.terminate(dbapi_connection)
+        return
+    # As every other connection at shutdown: gracefully for CONNECTION_CLOSE_TIMEOUT at most, within the budget. (A
+    # COMMIT is over by now: its holder waited for it, see _commit.)
+    deadline = taken.deadline
+    seconds = CONNECTION_CLOSE_TIMEOUT if deadline is None else min(CONNECTION_CLOSE_TIMEOUT, deadline - loop.time())
+    seconds = max(seconds, 0.0)
+    task = loop.create_task(wait_closed(driver, seconds), name="asgi_dbpool: closing a cancelled holder's connection")
+    taken.closing[task] = driver
+    task.add_done_callback(lambda done: taken.closing.pop(done, None))
+
+
+def _commit(taken: _TakenOver, dbapi_connection: Any) -> None:
+    """The dialect's ``do_commit`` while its app stops (in the holder's greenlet): the COMMIT in a task nothing cancels,
+    waited for to the end; a cancellation of the holder meanwhile is raised once it is over."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # pragma: no cover - an async engine commits in the loop
+        taken.commit(dbapi_connection)
+        return
+    holder = asyncio.current_task()
+    commit = _Committing(greenlet_spawn(taken.commit, dbapi_connection), loop=loop, name="asgi_dbpool: a COMMIT")
+    taken.committing[commit] = holder
+    commit.add_done_callback(lambda done: taken.committing.pop(done, None))
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            await_only(asyncio.shield(commit))
+            break
+        except asyncio.CancelledError as exc:  # the holder's (the COMMIT itself is never cancelled)
+            cancelled = exc
+        except BaseException:  # the COMMIT failed: its error, unless the holder was cancelled meanwhile
+            if cancelled is None:
+                raise
+            break
+    if cancelled is not None:
+        raise cancelled  # the COMMIT is over: the holder's cancellation goes on
+
+
+def _note_deadline(trackers: Iterable[PoolTracker], deadline: float) -> None:
+    for tracker in trackers:
+        taken = _TAKEN_OVER.get(tracker.engine.dialect)
+        if taken is not None:
+            taken.deadline = deadline
+
+
+async def _taken_over_closed(trackers: Sequence[PoolTracker], deadline: float) -> list[int]:
+    """Wait (until ``deadline``) for the closes taken over; abort what is left; per tracker, how many were aborted
+    (by their own timeout, or here)."""
+    counts = []
+    for tracker in trackers:
+        taken = _TAKEN_OVER.get(tracker.engine.dialect)
+        closing = dict(taken.closing) if taken is not None else {}
+        aborted = 0
+        if closing:
+            timeout = max(deadline - asyncio.get_running_loop().time(), 0.0)
+            done, pending = await asyncio.wait(closing, timeout=timeout)
+            aborted = sum(not task.cancelled() and task.exception() is None and not task.result() for task in done)
+            for task in pending:
+                abort(closing[task])
+                aborted += 1
+        counts.append(aborted)
+    return counts
+
+
 async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, level: int = logging.INFO) -> None:
     """Refuse checkouts, cancel the tasks still holding connections, close every connection, dispose all engines.
 
@@ -97,9 +242,12 @@ async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, l
     ``level`` is that of the progress lines (DEBUG after a failed startup, which the server reports in one line).
     """
     me = asyncio.current_task()
+    take_over(trackers)  # (where the server's stop did not already)
+    _note_deadline(trackers, clock.deadline - TAKEN_OVER_MARGIN)
     for tracker in trackers:
         tracker.refuse_checkouts()
     owners = set().union(*(t.owners(me) for t in trackers))
+    commits = _commits(trackers)  # a COMMIT in flight is not cut before the budget's end: see take_over
     if owners:
         serving = {task: route for tracker in trackers for task, route in tracker.serving().items()}
         described = sorted(describe_task(t) + (f" serving {serving[t]}" if t in serving else "") for t in owners)
@@ -116,17 +264,29 @@ async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, l
         halfway = clock.deadline - clock.left(clock.deadline) / 2
         loop = asyncio.get_running_loop()
         until = min(halfway, loop.time() + HOLDERS_TIMEOUT)
-        stopping = asyncio.ensure_future(clock.cancel_and_wait(owners, "tasks holding connections", until))
+        committing = {holder for holder in commits.values() if holder in owners}
+        for holder in committing:  # its cancellation is raised once its COMMIT is over
+            if not holder.cancelling():
+                holder.cancel()
+        stopping = asyncio.ensure_future(clock.cancel_and_wait(owners - committing, "tasks holding connections", until))
         await asyncio.wait([stopping], timeout=CONNECTION_CLOSE_TIMEOUT)
         if not stopping.done():  # a cancelled query's connection may be closing on a database that does not answer
             for tracker in trackers:
                 tracker.abort_closing()
         await stopping
+    commits = _commits(trackers)  # (those the cancelled holders were in, and any they began meanwhile)
+    if commits:
+        await _commits_over(commits, clock)
+    if owners:
         await _settle(trackers, owners, clock)
     try:
         async with asyncio.timeout_at(clock.deadline):
             seconds = min(CONNECTION_CLOSE_TIMEOUT, clock.left(clock.deadline))
-            aborted = await asyncio.gather(*(tracker.close_connections(seconds) for tracker in trackers))
+            pooled, taken_over = await asyncio.gather(
+                asyncio.gather(*(tracker.close_connections(seconds) for tracker in trackers)),
+                _taken_over_closed(trackers, clock.deadline - TAKEN_OVER_MARGIN),
+            )
+            aborted = [a + b for a, b in zip(pooled, taken_over, strict=True)]
             if sum(aborted):
                 logger.warning(
                     "the database did not answer within %.1fs at shutdown: %s connection(s) closed on "
@@ -141,6 +301,7 @@ async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, l
                 )
             leaks = [report for tracker in trackers for report in await tracker.close_leaks()]
             results = await asyncio.gather(*(tracker.dispose() for tracker in trackers), return_exceptions=True)
+            await _taken_over_closed(trackers, clock.deadline - TAKEN_OVER_MARGIN)  # (reclaimed leaks: closed already)
             await _reap(owners)
     except TimeoutError:
         logger.warning(
@@ -162,6 +323,30 @@ async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, l
         f"{len(leaks)} closed (see warnings above)" if leaks else "none",
         extra=fields("dispose", engines=len(trackers), leaks=len(leaks)),
     )
+
+
+def _commits(trackers: Sequence[PoolTracker]) -> dict[asyncio.Task[None], asyncio.Task[Any] | None]:
+    """The COMMITs in flight on these engines (taken over: see :func:`take_over`), each with the task that sent it."""
+    found: dict[asyncio.Task[None], asyncio.Task[Any] | None] = {}
+    for tracker in trackers:
+        taken = _TAKEN_OVER.get(tracker.engine.dialect)
+        if taken is not None:
+            found.update((commit, holder) for commit, holder in taken.committing.items() if not commit.done())
+    return found
+
+
+async def _commits_over(commits: dict[asyncio.Task[None], asyncio.Task[Any] | None], clock: ShutdownClock) -> None:
+    """Give the COMMITs in flight the budget but what closing the connections takes; one WARNING for those left."""
+    until = clock.deadline - min(CONNECTION_CLOSE_TIMEOUT, clock.seconds / 4)
+    _, pending = await asyncio.wait(commits, timeout=max(until - asyncio.get_running_loop().time(), 0.0))
+    if pending:
+        logger.warning(
+            "%d COMMIT(s) still running when the shutdown budget (shutdown_timeout=%.1fs) ran out; their connections "
+            "are closed now, which cancels them",
+            len(pending),
+            clock.seconds,
+            extra=fields("overrun", waiting_for="commits", still_running=len(pending), budget=clock.seconds),
+        )
 
 
 async def _settle(trackers: Sequence[PoolTracker], holders: set[asyncio.Task[Any]], clock: ShutdownClock) -> None:

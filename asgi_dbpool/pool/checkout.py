@@ -78,7 +78,7 @@ STACK_REACH = 64
 
 
 #: The frame that runs one step of an asyncio task: above it lie the event loop's frames, never a caller.
-_TASK_STEP = asyncio.events.Handle._run.__code__
+TASK_STEP = asyncio.events.Handle._run.__code__
 
 
 def _user_frames(limit: int, reach: int) -> list[Frame]:
@@ -113,7 +113,7 @@ def _user_frames(limit: int, reach: int) -> list[Frame]:
                     return found
                 if left < 0:
                     left = reach
-            elif code is _TASK_STEP:
+            elif code is TASK_STEP:
                 return found
             if left == 0:
                 return found
