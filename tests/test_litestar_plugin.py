@@ -526,9 +526,13 @@ async def test_control_litestar_order_disposal_in_a_lifespan_comes_too_early(
 # -- a real server --------------------------------------------------------------------------------------------------
 
 
-def start_uvicorn(target: str, port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "uvicorn", f"tests.apps.litestar_app:{target}", "--port", str(port)]
-    command += ["--lifespan", "on", "--timeout-graceful-shutdown", "10"]
+def start_server(server: str, target: str, port: int, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    spec = f"tests.apps.litestar_app:{target}"
+    if server == "uvicorn":
+        command = [sys.executable, "-m", "uvicorn", spec, "--port", str(port)]
+        command += ["--lifespan", "on", "--timeout-graceful-shutdown", "10"]
+    else:
+        command = [sys.executable, "-m", "hypercorn", spec, "--bind", f"127.0.0.1:{port}", "--graceful-timeout", "10"]
     with log_path.open("wb") as out:
         return subprocess.Popen(
             command,
@@ -543,14 +547,16 @@ def start_uvicorn(target: str, port: int, env: dict[str, str], log_path: Path) -
         )
 
 
-async def serve_and_stop(target: str, database_url: str, tmp_path: Path) -> tuple[int, str, str]:
-    """Run ``tests.apps.litestar_app:<target>`` under uvicorn, leak two sessions, query, then SIGTERM it; return
+async def serve_and_stop(
+    target: str, database_url: str, tmp_path: Path, server: str = "uvicorn"
+) -> tuple[int, str, str]:
+    """Run ``tests.apps.litestar_app:<target>`` under ``server``, leak two sessions, query, then SIGTERM it; return
     its exit status, its output and the application_name of its connections."""
     name = f"ls_{uuid.uuid4().hex[:10]}"
     port = free_port()
     log_path = tmp_path / f"{target}.log"
-    proc = start_uvicorn(
-        target, port, {"ASGI_DBPOOL_TEST_DATABASE_URL": database_url, "MATRIX_APP_NAME": name}, log_path
+    proc = start_server(
+        server, target, port, {"ASGI_DBPOOL_TEST_DATABASE_URL": database_url, "MATRIX_APP_NAME": name}, log_path
     )
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
@@ -573,22 +579,24 @@ async def serve_and_stop(target: str, database_url: str, tmp_path: Path) -> tupl
 
 
 @pytest.mark.servers
-async def test_uvicorn_sigterm_shuts_the_plugin_app_down_clean(database_url: str, tmp_path: Path) -> None:
-    code, output, name = await serve_and_stop("app", database_url, tmp_path)
-    assert code == -signal.SIGTERM, output  # uvicorn re-raises the signal it caught, after a clean shutdown
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+async def test_sigterm_shuts_the_plugin_app_down_clean(server: str, database_url: str, tmp_path: Path) -> None:
+    code, output, name = await serve_and_stop("app", database_url, tmp_path, server)
+    # uvicorn re-raises the signal it caught, after a clean shutdown; hypercorn exits 0
+    assert code == (-signal.SIGTERM if server == "uvicorn" else 0), output
     assert [marker for marker in NOISE_MARKERS if marker in output] == [], output
     assert NOISY_LOGGERS.findall(output) == [], output
     steps = [
         "engine(s) reachable",
         "user lifespan started: 1",
-        "Application startup complete",
+        "Application startup complete" if server == "uvicorn" else "Running on",
         "shutdown flag set",
         "monitor and 1 registered task(s) stopped",
         "user lifespan ended: 2",
         "user on_shutdown ran: 3",
         "1 engine(s) disposed; leaks: 2 closed (see warnings above)",
         "shutdown finished",
-        "Application shutdown complete",
+        *(["Application shutdown complete"] if server == "uvicorn" else []),
     ]
     positions = [output.find(step) for step in steps]
     assert -1 not in positions, output
@@ -601,10 +609,11 @@ async def test_uvicorn_sigterm_shuts_the_plugin_app_down_clean(database_url: str
 
 
 @pytest.mark.servers
-async def test_control_uvicorn_sigterm_bare_app_leaves_connections(database_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", ["uvicorn", "hypercorn"])
+async def test_control_sigterm_bare_app_leaves_connections(server: str, database_url: str, tmp_path: Path) -> None:
     """The same app without the plugin: the process ends with its connections open (the leaked ones, the pool's,
     the poller's), and PostgreSQL logs the clients that vanished."""
-    _, output, name = await serve_and_stop("bare_app", database_url, tmp_path)
+    _, output, name = await serve_and_stop("bare_app", database_url, tmp_path, server)
     assert "shutdown flag set" not in output
     await wait_for_no_backends(database_url, name)  # the server notices the vanished clients
     assert unclean_disconnects([name]) != [], output
