@@ -129,6 +129,9 @@ def run(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Run:
     offset = log.stat().st_size if log is not None else 0
     for name in [APP, *EXPECTED]:
         (tmp_path / name).write_text(sources[name])
+    # A user's project of its own: without it, pytest would take the configuration of a checkout above tmp_path
+    # (CI keeps its temporary files inside the checkout).
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
     package_root = str(Path(asgi_dbpool.__file__).resolve().parent.parent)  # the asgi_dbpool under test
     env = {
         **os.environ,
