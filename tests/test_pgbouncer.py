@@ -146,22 +146,29 @@ async def test_workers_through_pgbouncer_transaction_mode(
 async def test_workers_through_pgbouncer_control_fails(
     database_url: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """The same workers with DB_PGBOUNCER off: the well-known asyncpg failures, so the test above can fail."""
-    with run_pgbouncer(database_url, tmp_path_factory.mktemp("pgbouncer"), pool_size=16) as bouncer:
-        run = Run("uvicorn-workers", True, bouncer.url, tmp_path / "control.log", direct_url=database_url)
-        run.start(graceful=10, extra_env={"DB_PGBOUNCER": "off"})
-        right, errors = 0, []
-        with contextlib.suppress(AssertionError):  # workers whose startup ping failed never come up
-            await run.wait_up()
-            await run.wait_workers(4)
-        if run.proc is not None and run.proc.poll() is None:
-            with contextlib.suppress(httpx.TransportError):  # uvicorn stops every worker when one fails to start
-                right, errors = await burst(run)
-            run.signal(signal.SIGTERM)
-        await run.wait_exit()
-    # Concurrent workers fail already at their startup ping ("... already exists"), or in the burst.
-    errors += [line for line in run.output().splitlines() if "cannot reach database" in line]
-    assert errors, f"the control shows no failure ({right} right): the test would prove nothing"
+    """The same workers with DB_PGBOUNCER off: the well-known asyncpg failures, so the test above can fail.
+
+    The mixups are races between workers: on a loaded machine a run can miss them, so up to 3 runs are made
+    until one shows them (a control only has to show that the failure exists)."""
+    right, errors = 0, []
+    for attempt in range(3):
+        with run_pgbouncer(database_url, tmp_path_factory.mktemp("pgbouncer"), pool_size=16) as bouncer:
+            run = Run("uvicorn-workers", True, bouncer.url, tmp_path / f"control{attempt}.log", direct_url=database_url)
+            run.start(graceful=10, extra_env={"DB_PGBOUNCER": "off"})
+            right, errors = 0, []
+            with contextlib.suppress(AssertionError):  # workers whose startup ping failed never come up
+                await run.wait_up()
+                await run.wait_workers(4)
+            if run.proc is not None and run.proc.poll() is None:
+                with contextlib.suppress(httpx.TransportError):  # uvicorn stops every worker when one fails to start
+                    right, errors = await burst(run)
+                run.signal(signal.SIGTERM)
+            await run.wait_exit()
+        # Concurrent workers fail already at their startup ping ("... already exists"), or in the burst.
+        errors += [line for line in run.output().splitlines() if "cannot reach database" in line]
+        if errors:
+            break
+    assert errors, f"the control shows no failure in 3 runs ({right} right): the test would prove nothing"
     assert_statement_mixups(errors)
 
 
