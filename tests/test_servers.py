@@ -170,7 +170,8 @@ async def test_control_per_driver_without_the_middleware(
         assert unclean[0].startswith("Aborted_clients +"), unclean
         aborted = int(unclean[0].removeprefix("Aborted_clients +"))
         assert aborted >= 3, unclean  # the two leaked sessions, the poller's, the idle pooled ones
-        assert len([line for line in unclean if "Aborted connection" in line]) == aborted
+        # At least one error-log line per aborted client (a cut handshake can log one more: 11 for 10 once on 3.13)
+        assert len([line for line in unclean if "Aborted connection" in line]) >= aborted
 
 
 async def test_sqlite_is_quiet_without_the_middleware_too(request: pytest.FixtureRequest, tmp_path: Path) -> None:
