@@ -144,7 +144,11 @@ def test_mysql_drivers_without_the_middleware_are_noisy_and_abort_every_session(
     unraisable = [n.partition(" at 0x")[0] for n in noise if n.startswith("unraisable")]
     by_del = {"unraisable RuntimeError: Event loop is closed in <function Connection.__del__"}
     assert set(unraisable) == (by_del if driver == "aiomysql" else set()), noise
-    assert len(noise) == 4 + len(unraisable), noise
+    # On a loaded machine the bare app's shutdown can also cancel a connection's reset (CI's lowest column: once in
+    # four runs): one more record of the same noise, never another kind.
+    resets = [n for n in noise if n.endswith("ERROR Exception during reset or similar EXC CancelledError()")]
+    assert len(resets) <= 2, noise
+    assert len(noise) == 4 + len(unraisable) + len(resets), noise
     # No session said COM_QUIT: MariaDB counts every one as an aborted client and logs it.
     assert result["sessions"] >= 3
     assert result["aborted_clients"] == result["sessions"]
