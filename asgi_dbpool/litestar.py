@@ -11,9 +11,10 @@ managers exit in reverse order, then the ``on_shutdown`` hooks run in list order
 - a lifespan manager first in ``lifespan``: our startup (one ``SELECT 1`` per engine, the budget check, the
   monitor) runs before any of the app's own lifespans and ``on_startup`` hooks; a failure raises our one-line
   :class:`~asgi_dbpool.StartupError`;
-- a lifespan manager last in ``lifespan``: the first thing to exit, it begins the middleware's ordered shutdown
-  (the flag, WebSockets closed, in-flight requests drained, the monitor and registered tasks stopped) and lets
-  Litestar go on once those steps are done;
+- a lifespan manager last in ``lifespan`` (last again at startup, after plugins initialised later appended
+  theirs): the first thing to exit, it begins the middleware's ordered shutdown (the flag, WebSockets closed,
+  in-flight requests drained, the monitor and registered tasks stopped) and lets Litestar go on once those steps
+  are done; from then on an ``engine.dispose()`` in the app's shutdown code waits for the last step;
 - an ``on_shutdown`` hook last: once the app's own lifespans exited and its ``on_shutdown`` hooks ran (they may
   still use the database), the shutdown reclaims leaked connections and disposes every engine, and only then
   Litestar answers the server.
@@ -99,6 +100,7 @@ class DBPoolPlugin(InitPluginProtocol):
         self.middleware = DBPoolMiddleware(self._dispatch, engine, **options)
         self.session_dependency_key = session_dependency_key
         self._run: _Run | None = None
+        self._lifespans: list[Any] = []  # the app's lifespan list (AppConfig.lifespan), once on_app_init ran
 
     # -- what the app uses ----------------------------------------------------------------------
     @property
@@ -127,7 +129,8 @@ class DBPoolPlugin(InitPluginProtocol):
     # -- Litestar ------------------------------------------------------------------------------
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
         app_config.lifespan.insert(0, self._lifespan)  # entered first, exits last of the lifespans
-        app_config.lifespan.append(self._shutdown_begins)  # entered last, exits first
+        app_config.lifespan.append(self._shutdown_begins)  # entered last, exits first (see _lifespan)
+        self._lifespans = app_config.lifespan
         app_config.on_shutdown.append(self._shutdown_ends)  # after the app's own on_shutdown hooks
         app_config.middleware.insert(0, self._route)  # the outermost of each route's middleware
         stats_path = self.middleware.stats_path
@@ -148,6 +151,7 @@ class DBPoolPlugin(InitPluginProtocol):
                 "are disposed; list DBPoolPlugin after that plugin",
                 extra=fields("order"),
             )
+        self._last_to_exit()
         self._run = _Run(_CURRENT.set(self.middleware))  # DBPoolMiddleware.current() in the app's lifespans
         lifecycle = self.middleware.lifecycle
         try:
@@ -159,6 +163,19 @@ class DBPoolPlugin(InitPluginProtocol):
             line, error = failure
             raise error if error is not None else StartupError(line)
         yield
+
+    def _last_to_exit(self) -> None:
+        """Put ``_shutdown_begins`` last in the lifespan list again, so that it exits first.
+
+        Plugins initialised after this one append lifespans after it (advanced-alchemy's ``SQLAlchemyPlugin`` adds
+        its init plugin at the end of the plugin list; its lifespan disposes the engine as it exits). Litestar
+        enters the lifespans by iterating the very list ``on_app_init`` was given (``AppConfig.lifespan``) and is
+        entering ``_lifespan`` now, which comes before ``_shutdown_begins``: moving that one to the end is seen.
+        """
+        managers, begins = self._lifespans, self._shutdown_begins
+        if managers and begins in managers and managers[-1] != begins:
+            managers.remove(begins)
+            managers.append(begins)
 
     @contextlib.asynccontextmanager
     async def _shutdown_begins(self, app: Litestar) -> AsyncIterator[None]:

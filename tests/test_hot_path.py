@@ -57,6 +57,7 @@ async def test_the_tracked_pool_is_a_fresh_instance_that_keeps_its_logger(
     assert (engine.sync_engine._has_events, engine.sync_engine.dialect._has_events) == (False, False)
     assert pool is not untracked  # a __class__ assignment on the live pool would turn its attributes into a dict
     assert type(pool).__name__ == f"Tracked{base_name}"
+    assert type(untracked).__name__ == base_name  # the live pool was only read: its class is its own
     if logger_name is not None:
         assert pool.logger.name == logger_name  # SQLAlchemy's pool log lines keep their logger
     async with engine.connect() as conn:

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -240,3 +240,65 @@ async def test_a_second_running_middleware_on_one_engine_is_refused(
     assert driver.types() == ["lifespan.startup.failed"]
     assert answer["message"].endswith(expected[1])
     assert engine.pool.checkedin() == 0  # the outer one closed what it had opened
+
+
+def disposing_app(events: list[str], engine: AsyncEngine) -> Starlette:
+    """The common FastAPI/Starlette pattern: the lifespan disposes the engine as it exits; here its shutdown then
+    still uses the database (as a later hook, or a plugin's lifespan, may)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+        yield
+        await engine.dispose()
+        events.append("app disposed the engine")
+        async with engine.connect() as conn:
+            events.append(f"app shutdown {(await conn.execute(text('SELECT 2'))).scalar_one()}")
+
+    return Starlette(lifespan=lifespan)
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["wrapped", "bare"])
+async def test_an_engine_dispose_in_the_apps_shutdown_waits_for_the_last_step(
+    wrapped: bool, make_engine: Callable[..., AsyncEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Wrapped: the app's ``engine.dispose()`` leaves the pool as it is (one INFO line says so); the app's shutdown
+    code after it uses the connection it used before; the pool is closed once, by our last step. Bare (control): the
+    dispose closes that connection, and the shutdown code opens another."""
+    engine = make_engine()
+    events: list[str] = []
+    started = False
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def connected(*_: Any) -> None:
+        if started:
+            events.append("connection opened")
+
+    @event.listens_for(engine.sync_engine, "close")
+    def closed(*_: Any) -> None:
+        events.append("connection closed")
+
+    app: Any = disposing_app(events, engine)
+    if wrapped:
+        app = DBPoolMiddleware(app, engine)
+    caplog.set_level(logging.INFO, logger="asgi_dbpool")
+    async with LifespanManager(app):
+        started = True
+    deferred = [r.getMessage() for r in caplog.records if r.__dict__.get("step") == "dispose_deferred"]
+    if wrapped:
+        assert events == ["app disposed the engine", "app shutdown 2", "connection closed"]
+        assert deferred == [
+            "engine 'default': engine.dispose() during the app's shutdown is deferred to the shutdown's last step "
+            "(the app's remaining shutdown code may still use the engine)"
+        ]
+        async with LifespanManager(app):  # a second run: engine.dispose() in its shutdown is deferred again
+            pass
+        assert events[3:] == ["connection opened", "app disposed the engine", "app shutdown 2", "connection closed"]
+        # After the shutdown (checkouts are refused until the next start), engine.dispose() disposes at once again.
+        assert [tracker.disposal_deferred for tracker in app.lifecycle.all_trackers] == [False]
+    else:
+        assert events == ["connection closed", "app disposed the engine", "connection opened", "app shutdown 2"]
+        assert deferred == []
+        await engine.dispose()
+        assert events[-1] == "connection closed"

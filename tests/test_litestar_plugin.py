@@ -627,43 +627,80 @@ async def test_beside_advanced_alchemys_plugin_on_one_engine(
     ours_first: bool, make_engine: Callable[..., AsyncEngine]
 ) -> None:
     """advanced-alchemy's ``SQLAlchemyPlugin`` (its session dependency, its lifespan) and ours on one engine, in
-    either order: our startup check comes first and our disposal last, once. advanced-alchemy's own lifespan
-    disposes the engine as it exits, before the app's own lifespans exit and its hooks run (as it does without
-    ours); SQLAlchemy makes a new pool for them, whose connections our disposal closes."""
+    either order: our startup check comes first and our shutdown begins first. advanced-alchemy's lifespan calls
+    ``engine.dispose()`` as it exits, before the app's own lifespans exit and its hooks run: the pool is left as it
+    is until our last step, so those hooks use the connection they used before, and the pool is disposed once, last.
+    Control: the same app with advanced-alchemy's plugin alone disposes its pool before the app's shutdown code,
+    which then opens a new connection."""
     from advanced_alchemy.extensions.litestar import SQLAlchemyAsyncConfig, SQLAlchemyPlugin
 
-    engine = make_engine()
-    events: list[str] = []
-    watch_disposal(engine, events)
-    key = f"aa_{uuid.uuid4().hex[:8]}"  # its keys are unique per process: a second config would get renamed ones
-    config = SQLAlchemyAsyncConfig(
-        engine_instance=engine,
-        engine_dependency_key=key,
-        engine_app_state_key=key,
-        session_maker_app_state_key=f"{key}_maker",
-        session_scope_key=f"{key}_session",
-    )
-    ours = DBPoolPlugin(engine, session_dependency_key=None)  # "db_session" is advanced-alchemy's here
-    plugins = [ours, SQLAlchemyPlugin(config=config)] if ours_first else [SQLAlchemyPlugin(config=config), ours]
-    with recording(events):
-        async with AsyncTestClient(build(engine, events, plugins=plugins)) as client:
-            assert (await client.get("/value")).json() == {"value": 42}
-            assert (await client.get(STATS)).json()["checked_out"] == 0
-            events.append("requests served")
-    # In either order its SQLAlchemyPlugin adds its init plugin at the end of the plugin list, whose lifespan then
-    # comes after all of ours: it exits (disposing the engine) before our first steps, and our disposal is the last.
+    def aa_plugin(engine: AsyncEngine) -> Any:
+        key = f"aa_{uuid.uuid4().hex[:8]}"  # its keys are unique per process: a second config would get renamed ones
+        config = SQLAlchemyAsyncConfig(
+            engine_instance=engine,
+            engine_dependency_key=key,
+            engine_app_state_key=key,
+            session_maker_app_state_key=f"{key}_maker",
+            session_scope_key=f"{key}_session",
+        )
+        return SQLAlchemyPlugin(config=config)
+
+    async def run(plugins: Callable[[AsyncEngine], list[Any]]) -> list[str]:
+        engine = make_engine()
+        events: list[str] = []
+        watch_disposal(engine, events)
+        served = False
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def connected(*_: Any) -> None:
+            if served:
+                events.append("connection opened")
+
+        @event.listens_for(engine.sync_engine, "close")
+        def closed(*_: Any) -> None:
+            events.append("connection closed")
+
+        with recording(events):
+            async with AsyncTestClient(build(engine, events, plugins=plugins(engine))) as client:
+                assert (await client.get("/value")).json() == {"value": 42}
+                if any(isinstance(p, DBPoolPlugin) for p in client.app.plugins):
+                    assert (await client.get(STATS)).json()["checked_out"] == 0
+                events.append("requests served")
+                served = True
+        return events
+
+    def ours_and_theirs(engine: AsyncEngine) -> list[Any]:
+        ours = DBPoolPlugin(engine, session_dependency_key=None)  # "db_session" is advanced-alchemy's here
+        return [ours, aa_plugin(engine)] if ours_first else [aa_plugin(engine), ours]
+
+    events = await run(ours_and_theirs)
     assert events == [
         "dbpool: startup checked",
         "user lifespan enter 1",
         "user on_startup 2",
         "requests served",
-        "engine disposed",  # advanced-alchemy's lifespan
         "dbpool: shutdown begins",
         "dbpool: tasks stopped",
-        "user lifespan exit 3",
+        "engine disposed",  # advanced-alchemy's lifespan calls engine.dispose(): the pool is left as it is
+        "user lifespan exit 3",  # on the connection opened before: none is opened
         "user on_shutdown 4",
+        "connection closed",  # our last step: the pool's one connection, closed once
         "engine disposed",
         "dbpool: shutdown finished",
+    ]
+    # Control: advanced-alchemy alone disposes the pool before the app's own shutdown code, which opens another.
+    bare = await run(lambda engine: [aa_plugin(engine)])
+    assert bare == [
+        "user lifespan enter 1",
+        "user on_startup 2",
+        "requests served",
+        "connection closed",
+        "engine disposed",  # advanced-alchemy's lifespan
+        "connection opened",
+        "user lifespan exit 3",
+        "user on_shutdown 4",
+        "connection closed",  # the bare app's own dispose hook (see build)
+        "engine disposed",
     ]
 
 

@@ -231,11 +231,14 @@ class Lifecycle(Generic[ConnectionsT]):
         registered = max(stopped - len(self._own_tasks()), 0)
         logger.info("monitor and %d registered task(s) stopped", registered, extra=fields("tasks", stopped=registered))
         answer: tuple[Outcome, str] = ("not running", "")
-        if self.inner is not None:  # 5. the wrapped app's own shutdown (it may still use the database)
-            answer = await self.inner.stop(clock.left(clock.app_deadline))
-            if answer[0] == "timeout":
-                logger.warning("%s; it was cancelled", answer[1])
-        await close_engines(self.all_trackers, clock)  # 6-7. refuse checkouts, reclaim, dispose
+        try:
+            if self.inner is not None:  # 5. the wrapped app's own shutdown (it may still use the database)
+                answer = await self.inner.stop(clock.left(clock.app_deadline))
+                if answer[0] == "timeout":
+                    logger.warning("%s; it was cancelled", answer[1])
+            await close_engines(self.all_trackers, clock)  # 6-7. refuse checkouts, reclaim, dispose
+        finally:
+            self._end_deferral()
         logger.info("shutdown finished in %.3fs", clock.elapsed(), extra=fields("finished", seconds=clock.elapsed()))
         self._stopped()
         return answer
@@ -420,7 +423,10 @@ class Lifecycle(Generic[ConnectionsT]):
         await clock.cancel_and_wait(
             [*self._own_tasks(), *self.tasks], "the monitor and registered tasks", clock.app_deadline
         )
-        await close_engines(self.all_trackers, clock, level)
+        try:
+            await close_engines(self.all_trackers, clock, level)
+        finally:
+            self._end_deferral()
         self._stopped()
 
     def _own_tasks(self) -> list[asyncio.Task[Any]]:
@@ -431,7 +437,14 @@ class Lifecycle(Generic[ConnectionsT]):
         self.serving = False
         self.shutting_down = True
         take_over(self.all_trackers)  # cancelled holders' connections: see _server_began_stopping
+        for tracker in self.all_trackers:  # the app's own engine.dispose() waits for our last step
+            tracker.defer_disposal()
         _guard.app_stopping(self)
+
+    def _end_deferral(self) -> None:
+        """``engine.dispose()`` disposes again (our last step did, or the shutdown failed before it)."""
+        for tracker in self.all_trackers:
+            tracker.end_deferral()
 
     def _signalled(self) -> None:
         self._server_began_stopping()

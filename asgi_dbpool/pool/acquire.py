@@ -85,9 +85,15 @@ class Acquisition:
             raise PoolOverloadedError(
                 f"engine {self.name!r}: {self.pending} tasks already wait for a connection "
                 f"(max_pending={self.max_pending}); failing at once instead of waiting "
-                f"{getattr(pool, '_timeout', 0):g}s"
+                f"{_pool_timeout(pool):g}s"
             )
 
     def timed_out(self) -> None:
         self.timeouts += 1
         self._on_exhausted()
+
+
+def _pool_timeout(pool: Any) -> float:
+    """The pool's ``pool_timeout`` (``QueuePool.timeout()``; 0 for pools that never wait)."""
+    timeout = getattr(pool, "timeout", None)
+    return float(timeout()) if callable(timeout) else 0.0

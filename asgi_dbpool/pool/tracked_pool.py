@@ -25,7 +25,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.pool import ConnectionPoolEntry, Pool
+from sqlalchemy.pool import ConnectionPoolEntry, NullPool, Pool
 
 from .acquire import Acquisition
 from .checkout import Held, checkout_frames, current_request
@@ -58,6 +58,10 @@ class Tracker(Protocol):
 
     def connected(self, record: ConnectionPoolEntry, seconds: float) -> None: ...
 
+    disposal_deferred: bool
+
+    def note_deferred_disposal(self) -> None: ...
+
 
 class TrackedPool(Pool):
     """The base of every tracked pool class (see :func:`track`); ``asgi_dbpool_tracker`` is that engine's.
@@ -80,24 +84,54 @@ def track(engine: Engine, tracker: Tracker) -> None:
         "_do_get": do_get,
         "_do_return_conn": do_return_conn,
         "_should_wrap_creator": _connecting(tracker, base._should_wrap_creator),
+        **_disposing(tracker, base.dispose, base.recreate),
         "__module__": __name__,
-        # SQLAlchemy names a pool's logger after its class: keep the engine's own pool class's name.
+        # SQLAlchemy names a pool's logger after its class (log._qual_logger_name_for_cls reads this private class
+        # attribute first): the pool's log lines keep the engine's own pool class's logger. Tested on the lowest
+        # and newest SQLAlchemy (test_hot_path).
         "_sqla_logger_namespace": getattr(base, "_sqla_logger_namespace", None) or f"{base.__module__}.{base.__name__}",
     }
-    pool.__class__ = type(f"Tracked{base.__name__}", (TrackedPool, base), namespace)
-    pool._creator = pool._creator  # the setter wraps the creator again, now through the tracked class
-    if _never_connected(pool):
-        # A __class__ assignment turns the instance's attributes into a plain dict, which makes every attribute
-        # read in the pool's own code slower: a pool that never opened a connection is replaced by a fresh one
-        # of the tracked class, as engine.dispose() does (engines sharing the pool read it from this one).
-        engine.pool = pool.recreate()
+    tracked = type(f"Tracked{base.__name__}", (TrackedPool, base), namespace)
+    if _holds_no_connection(pool):
+        # As engine.dispose() does, the pool's own recreate() builds its successor with the same creation arguments
+        # (engines sharing the pool read it from this one); called on a view whose class is the tracked one, the
+        # live pool is only read. Its creator is wrapped by the tracked class's _should_wrap_creator as it is set.
+        engine.pool = base.recreate(_AsTracked(pool, tracked))
+        return
+    # A pool that holds connections (one opened before the middleware was made; a StaticPool's connection may be
+    # a whole in-memory database) keeps them: its class is swapped in place and its creator set again, so that
+    # the setter wraps it through the tracked class. Its attributes then live in a plain dict (slower reads).
+    pool.__class__ = tracked
+    pool._creator = pool._creator  # (private: the setter is SQLAlchemy's only route to wrap a live pool's creator)
 
 
-def _never_connected(pool: Any) -> bool:
-    """True for a pool that counts its connections and has none, idle or checked out."""
+class _AsTracked:
+    """A read-only view of a live pool whose class reads as the tracked class (see :func:`track`)."""
+
+    __slots__ = ("_asgi_dbpool_class", "_asgi_dbpool_live")
+
+    def __init__(self, pool: Pool, tracked: type[Pool]) -> None:
+        object.__setattr__(self, "_asgi_dbpool_live", pool)
+        object.__setattr__(self, "_asgi_dbpool_class", tracked)
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type[Pool]:  # type: ignore[override]  # recreate() builds from self.__class__
+        return self._asgi_dbpool_class  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._asgi_dbpool_live, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{name!r}: a view of a live pool is read-only")
+
+
+def _holds_no_connection(pool: Any) -> bool:
+    """True for a pool that counts its connections and has none, idle or checked out, and for a NullPool."""
+    if isinstance(pool, NullPool):
+        return True
     try:
         return int(pool.checkedin()) == 0 and int(pool.checkedout()) == 0
-    except AttributeError:  # NullPool, StaticPool: the swapped class stays
+    except AttributeError:  # StaticPool, SingletonThreadPool: they may hold one; the swapped class stays
         return False
 
 
@@ -126,6 +160,31 @@ def _connecting(
         return open_connection
 
     return _should_wrap_creator
+
+
+def _disposing(
+    tracker: Tracker, base_dispose: Callable[[Any], None], base_recreate: Callable[[Any], Any]
+) -> dict[str, Callable[[Any], Any]]:
+    """The tracked pool's ``dispose`` and ``recreate``: while its app shuts down, until the shutdown's own last step,
+    ``engine.dispose()`` leaves the pool as it is (``recreate()`` returns it) and the last step disposes it.
+
+    A lifespan or a plugin that disposes the engine as it exits (advanced-alchemy's does) would otherwise close the
+    pool before the app's remaining shutdown code ran, which then opened new connections, and before the shutdown
+    reclaimed the leaked ones; the engine would be disposed twice.
+    """
+
+    def dispose(pool: Any) -> None:
+        if tracker.disposal_deferred:
+            tracker.note_deferred_disposal()
+            return
+        base_dispose(pool)
+
+    def recreate(pool: Any) -> Any:
+        if tracker.disposal_deferred:
+            return pool
+        return base_recreate(pool)
+
+    return {"dispose": dispose, "recreate": recreate}
 
 
 def _tracking(

@@ -56,6 +56,9 @@ class PoolTracker:
         self.owner: weakref.ref[Any] | None = None  # the Lifecycle whose options apply (see Lifecycle.claim)
         self.overload_answers = 0  # 503s the middleware answered because this pool was exhausted
         self.overloaded = False
+        #: While the app shuts down: ``engine.dispose()`` waits for the shutdown's last step (see tracked_pool).
+        self.disposal_deferred = False
+        self.deferred_disposals = 0
         self._reclaiming: set[int] = set()
         # Every pool entry that opened a connection (idle or checked out): closing at shutdown reaches them all.
         self._entries: weakref.WeakSet[ConnectionPoolEntry] = weakref.WeakSet()
@@ -256,9 +259,29 @@ class PoolTracker:
         """From now on every checkout fails at once with :class:`PoolClosedError` (until :meth:`reopen`)."""
         self.acquisition.closed = True
 
+    def defer_disposal(self) -> None:
+        """From now on ``engine.dispose()`` returns at once; :meth:`dispose` (the shutdown's last step) disposes."""
+        self.disposal_deferred = True
+        self.deferred_disposals = 0
+
+    def end_deferral(self) -> None:
+        self.disposal_deferred = False
+
+    def note_deferred_disposal(self) -> None:
+        """Someone called ``engine.dispose()`` while the app shuts down: said once per shutdown."""
+        self.deferred_disposals += 1
+        if self.deferred_disposals == 1:
+            logger.info(
+                "engine %r: engine.dispose() during the app's shutdown is deferred to the shutdown's last step "
+                "(the app's remaining shutdown code may still use the engine)",
+                self.name,
+                extra=fields("dispose_deferred", self.name),
+            )
+
     async def dispose(self) -> None:
         """Close every pooled connection (checkouts are refused from here on)."""
         self.acquisition.closed = True
+        self.disposal_deferred = False
         if self.async_engine is not None:
             await self.async_engine.dispose(close=True)
         else:
