@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from .tracked_pool import tracker_of
 from .tracker import PoolTracker
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ def tracker_for(engine: Engine | AsyncEngine, name: str) -> PoolTracker:
     tracker = known() if known is not None else None
     if tracker is None:
         # An engine sharing a tracked pool (engine.execution_options(...)) shares its tracker: the pool reports to one.
-        tracker = getattr(type(sync_engine.pool), "asgi_dbpool_tracker", None)
+        tracker = cast("PoolTracker | None", tracker_of(sync_engine.pool))
         if tracker is None:
             tracker = PoolTracker(engine, name)
         _registry[sync_engine] = weakref.ref(tracker)

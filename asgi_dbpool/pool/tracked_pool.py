@@ -10,20 +10,22 @@ closures over the tracker and the base class's methods: a closure variable is th
 (a class attribute read through ``self`` is a full lookup in Python 3.11). A ``checkout``/``checkin`` event
 listener would instead add SQLAlchemy's event dispatch to every checkout.
 
-When the tracker is made (for engines built by ``PoolSettings.create_async_engine()`` and by the user alike)
-the engine's pool takes the tracked subclass: a pool that never connected is then replaced by a fresh pool of
-it, as ``engine.dispose()`` does; one that holds connections keeps them, its class swapped in place and its
-creator wrapped again. ``Pool.recreate()`` (``engine.dispose()``) builds the next pool from
-``self.__class__``: the tracking survives disposal.
+When the tracker is made (for engines built by ``PoolSettings.create_async_engine()`` and by the user alike),
+a pool that holds no connection is replaced by a fresh pool of the tracked subclass, as ``engine.dispose()``
+does (``Pool.recreate()`` builds the next pool from ``self.__class__``: the tracking survives disposal). A pool
+that already holds connections keeps them and its class: its checkouts are followed through pool events
+(see :func:`_follow_with_events` for what they do not show). No live pool is changed.
 """
 
 from __future__ import annotations
 
+import weakref
 from asyncio import current_task
 from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
+from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool, Pool
 
@@ -76,7 +78,7 @@ def track(engine: Engine, tracker: Tracker) -> None:
     """Make ``engine``'s pool (and every pool ``recreate()`` makes from it) report to ``tracker``."""
     pool: Any = engine.pool
     base = type(pool)
-    if issubclass(base, TrackedPool):
+    if issubclass(base, TrackedPool) or pool in _FOLLOWED:
         return
     do_get, do_return_conn = _tracking(tracker, base._do_get, base._do_return_conn)
     namespace = {
@@ -98,11 +100,9 @@ def track(engine: Engine, tracker: Tracker) -> None:
         # live pool is only read. Its creator is wrapped by the tracked class's _should_wrap_creator as it is set.
         engine.pool = base.recreate(_AsTracked(pool, tracked))
         return
-    # A pool that holds connections (one opened before the middleware was made; a StaticPool's connection may be
-    # a whole in-memory database) keeps them: its class is swapped in place and its creator set again, so that
-    # the setter wraps it through the tracked class. Its attributes then live in a plain dict (slower reads).
-    pool.__class__ = tracked
-    pool._creator = pool._creator  # (private: the setter is SQLAlchemy's only route to wrap a live pool's creator)
+    # A pool that holds connections (opened before the middleware was made; a StaticPool's one connection may be a
+    # whole in-memory database) keeps them and its class: its checkouts are followed through pool events.
+    _follow_with_events(engine, pool, tracker)
 
 
 class _AsTracked:
@@ -133,6 +133,83 @@ def _holds_no_connection(pool: Any) -> bool:
         return int(pool.checkedin()) == 0 and int(pool.checkedout()) == 0
     except AttributeError:  # StaticPool, SingletonThreadPool: they may hold one; the swapped class stays
         return False
+
+
+#: The pools followed through events, each with its tracker (weakly: the tracker holds the engine, which holds the
+#: pool), so that an engine sharing the pool (``engine.execution_options(...)``) shares the tracker.
+_FOLLOWED: weakref.WeakKeyDictionary[Pool, weakref.ref[Tracker]] = weakref.WeakKeyDictionary()
+
+
+def tracker_of(pool: Pool) -> Tracker | None:
+    """The tracker ``pool`` reports to, if any."""
+    tracker = getattr(type(pool), "asgi_dbpool_tracker", None)
+    if tracker is None:
+        followed = _FOLLOWED.get(pool)
+        tracker = followed() if followed is not None else None
+    return tracker
+
+
+def _follow_with_events(engine: Engine, pool: Pool, tracker: Tracker) -> None:
+    """Track a pool that already holds connections through SQLAlchemy's events, leaving it as it is.
+
+    What the events show: checkouts (who, where, how long), checkins, the connections the pool opens (timed from
+    the dialect's ``do_connect`` to the pool's ``connect``) and, at shutdown, no new connection opened. What no
+    event shows is left out: who waits for a connection and how long, pool timeouts, ``max_pending`` and the
+    shutdown's refusal of an idle connection. ``engine.dispose()`` during the shutdown disposes at once. The
+    listeners pass to every pool ``recreate()`` makes from this one (it hands them its event dispatch).
+    """
+    acquisition = tracker.acquisition
+    held = tracker.held
+    reported = tracker.reported
+    connecting: dict[int, float] = {}
+
+    def do_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> None:
+        if acquisition.closed:
+            raise acquisition.refusal()
+        connecting[id(record)] = perf_counter()
+
+    def connect(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        started = connecting.pop(id(record), None)
+        tracker.connected(record, perf_counter() - started if started is not None else 0.0)
+
+    def checkout(dbapi_connection: Any, record: ConnectionPoolEntry, proxy: Any) -> None:
+        try:
+            task = current_task()
+        except RuntimeError:
+            task = None
+        request = current_request.get()
+        if request is not None:
+            if request.done:
+                request = None
+            else:
+                request.holding += 1
+        site, stack = checkout_frames(tracker.leak_threshold is not None)
+        held[id(record)] = (record, task, site, request, stack, perf_counter())
+        total = tracker.checkouts_total = tracker.checkouts_total + 1
+        out = len(held)
+        if out > tracker.checked_out_max:
+            tracker.checked_out_max = out
+        if out > tracker.pool_size_now:
+            tracker.note_overflow()
+        if not total % FOLD_AT:
+            tracker.fold()
+
+    def checkin(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        key = id(record)
+        checkout = held.pop(key, None)
+        if checkout is not None:
+            request = checkout[3]
+            if request is not None:
+                request.holding -= 1
+            seconds = perf_counter() - checkout[5]
+            tracker.use.add(seconds)
+            if reported and key in reported:
+                tracker.returned_after_report(key, checkout, seconds)
+
+    _FOLLOWED[pool] = weakref.ref(tracker)
+    event.listen(engine, "do_connect", do_connect)
+    for name, listener in (("connect", connect), ("checkout", checkout), ("checkin", checkin)):
+        event.listen(pool, name, listener)
 
 
 def _connecting(

@@ -212,19 +212,20 @@ class PoolTracker:
         return reports
 
     async def _invalidate(self, leak: Checkout) -> None:
-        proxy = leak.proxy()
-        key = id(leak.record)
+        record = leak.record
+        key = id(record)
         self._reclaiming.add(key)
         try:
-            # A dead or invalidated proxy was already handed back by SQLAlchemy itself.
-            if proxy is not None and proxy.is_valid:
-                # The proxy's hard invalidate closes the connection and checks the record back in, which also
-                # detaches the proxy's garbage-collection finalizer: collecting the leaked session logs nothing.
+            # An invalidated connection was already closed (by SQLAlchemy, or by the holder's own error handling).
+            if record.dbapi_connection is not None:
+                # The entry's hard invalidate closes the connection (public: ConnectionPoolEntry.invalidate). The
+                # leaked session's connection stays checked out of the pool until the garbage collector takes it,
+                # which then returns the entry quietly: it holds no DBAPI connection any more.
                 if self.async_engine is not None:
                     # In a greenlet, asyncpg's terminate() closes gracefully (Terminate message, 2 s cap).
-                    await greenlet_spawn(proxy.invalidate)
+                    await greenlet_spawn(record.invalidate)
                 else:
-                    await asyncio.to_thread(proxy.invalidate)
+                    await asyncio.to_thread(record.invalidate)
         except Exception:
             logger.exception("engine %r: could not close a leaked connection %s", self.name, leak.site)
         finally:
