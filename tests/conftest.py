@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,9 @@ import pytest
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from asgi_dbpool.lifecycle import log_filter
+from asgi_dbpool.lifecycle.shutdown_flag import clear_shutting_down
+from asgi_dbpool.lifecycle.signals import STOP_SIGNALS
 from demo_app.embedded import EmbeddedPostgres
 from tests.mariadb import MariaDB
 
@@ -24,6 +29,24 @@ _counter = itertools.count()
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def fresh_process_state() -> Iterator[None]:
+    """Each test starts from the process state a new process has, and leaves it so: no app's shutdown flag, no
+    noise filter installed, the library's logger and the stop signals' handlers as they were."""
+    logger = logging.getLogger("asgi_dbpool")
+    saved = (logger.level, list(logger.handlers), list(logger.filters), logger.propagate)
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    clear_shutting_down()
+    yield
+    clear_shutting_down()
+    log_filter.uninstall()
+    logger.setLevel(saved[0])
+    logger.handlers[:], logger.filters[:], logger.propagate = saved[1], saved[2], saved[3]
+    for sig, handler in handlers.items():
+        if signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
 
 
 #: What PostgreSQL logs when a client vanished instead of closing its connection.

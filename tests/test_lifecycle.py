@@ -22,7 +22,6 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-import asgi_dbpool
 from asgi_dbpool import ConfigError, DBPoolMiddleware, PoolSettings, StartupError, is_shutting_down
 from asgi_dbpool.pool.registry import all_trackers
 from tests.conftest import backends
@@ -212,28 +211,6 @@ async def test_middleware_only_options_are_checked_the_same_way(
     assert str(info.value).startswith(message)
 
 
-def test_off_means_off_and_unset_means_not_said() -> None:
-    """(f) DB_PGBOUNCER=off reaches the middleware as "off" (no pooler detection); unset stays "not said"."""
-    assert PoolSettings.from_env({"DB_PGBOUNCER": "off"}).middleware_options()["pgbouncer"] == "off"
-    assert PoolSettings.from_env({}).middleware_options()["pgbouncer"] is None
-    assert PoolSettings.from_env({"DB_PGBOUNCER": "Transaction"}).middleware_options()["pgbouncer"] == "transaction"
-
-
-def test_settings_repr_masks_the_password() -> None:
-    """(g)"""
-    settings = PoolSettings.from_env(
-        {
-            "DATABASE_URL": "postgresql://app:s3cret@db:5432/app",
-            "ASYNC_DATABASE_URL": "postgresql+asyncpg://app:s3cret@db:5432/app",
-        }
-    )
-    text_ = repr(settings)
-    assert "s3cret" not in text_
-    assert "database_url='postgresql://app:***@db:5432/app'" in text_
-    assert "async_database_url='postgresql+asyncpg://app:***@db:5432/app'" in text_
-    assert text_.startswith("PoolSettings(environment='development', pool_size=10,")
-
-
 async def test_a_cancelled_request_gets_the_configured_retry_after(make_engine: Callable[..., AsyncEngine]) -> None:
     """(h)"""
     engine = make_engine()
@@ -252,37 +229,6 @@ async def test_a_cancelled_request_gets_the_configured_retry_after(make_engine: 
             sent = await cut_off_post(app, in_query)
     assert sent[0]["status"] == 503
     assert (b"retry-after", b"17") in sent[0]["headers"]
-
-
-@pytest.mark.parametrize("name", ["ConfigError", "StartupError", "PoolClosedError", "PoolOverloadedError"])
-def test_public_exceptions_name_themselves_publicly(name: str) -> None:
-    import traceback
-
-    error = getattr(asgi_dbpool, name)("the message")
-    assert traceback.format_exception_only(error) == [f"asgi_dbpool.{name}: the message\n"]
-
-
-def test_the_middlewares_own_options_come_from_the_environment_too() -> None:
-    settings = PoolSettings.from_env(
-        {
-            "DB_POOL_STATS_PATH": "/internal/pool/",
-            "DB_POOL_STATS_TOKEN": "s3cret-token",
-            "DB_POOL_MONITOR_INTERVAL": "15",
-            "DB_POOL_SHUTDOWN_TIMEOUT": "20",
-            "DB_POOL_STARTUP_TIMEOUT": "3",
-        }
-    )
-    options = settings.middleware_options()
-    assert {k: options[k] for k in ("stats_path", "stats_token", "monitor_interval")} == {  # type: ignore[literal-required]
-        "stats_path": "/internal/pool/",
-        "stats_token": "s3cret-token",
-        "monitor_interval": 15.0,
-    }
-    assert (options["shutdown_timeout"], options["startup_timeout"], options["production"]) == (20.0, 3.0, False)
-    assert "s3cret-token" not in repr(settings)
-    assert PoolSettings.from_env({"DB_POOL_STATS_PATH": "off"}).middleware_options()["stats_path"] is None
-    with pytest.raises(ConfigError, match=r"^DB_POOL_SHUTDOWN_TIMEOUT='0' is out of range"):
-        PoolSettings.from_env({"DB_POOL_SHUTDOWN_TIMEOUT": "0"})
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from asgi_dbpool import DBPoolMiddleware, PoolSettings
+from asgi_dbpool import DBPoolMiddleware
 from asgi_dbpool.starlette import get_session
 
 pytestmark = pytest.mark.anyio
@@ -132,9 +132,3 @@ async def test_max_pending_fails_fast(make_engine: Callable[..., AsyncEngine]) -
     assert tracker.acquisition.wait.count == 1 + 1 + statuses.count(
         200
     )  # startup ping, server read, and each request served
-
-
-async def test_settings_carry_the_overload_options() -> None:
-    settings = PoolSettings.from_env({"DB_POOL_RETRY_AFTER": "5", "DB_POOL_MAX_PENDING": "8"})
-    options = settings.middleware_options()
-    assert (options["leak_threshold"], options["retry_after"], options["max_pending"]) == (None, 5, 8)

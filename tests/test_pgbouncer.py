@@ -72,13 +72,6 @@ async def test_control_without_the_setting_fails(pgbouncer_url: str) -> None:
     assert_statement_mixups(errors)
 
 
-def test_the_setting_is_validated() -> None:
-    from asgi_dbpool import ConfigError
-
-    with pytest.raises(ConfigError, match="DB_PGBOUNCER='statement' is not a PgBouncer pooling mode"):
-        PoolSettings.from_env({"DB_PGBOUNCER": "statement"})
-
-
 #: A statement prepared on one server connection and used on another (PgBouncer's transaction mode): asyncpg
 #: names the statement, or finds the row it gets unlike the one it was described when prepared.
 MIXUPS = ("prepared statement", "is different from what was described")

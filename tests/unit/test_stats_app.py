@@ -1,4 +1,4 @@
-"""Bad input at the stats endpoint: arbitrary methods, paths, query strings, headers and tokens."""
+"""The stats app: any request (arbitrary methods, paths, queries, headers, tokens) gets an answer, never an error."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import create_async_engine
+from starlette.applications import Starlette
 
-from asgi_dbpool import PoolStatsApp
+from asgi_dbpool import DBPoolMiddleware, PoolStatsApp
 
 SECRET_URL = "postgresql+asyncpg://fuzzuser:fuzz-pa55word@db.internal.example:6543/fuzzdb"
 SECRETS = ("fuzzuser", "fuzz-pa55word", "db.internal.example", "6543", "fuzzdb", "postgresql")
@@ -118,3 +119,9 @@ def test_websocket_scope_is_refused(stats_app: PoolStatsApp) -> None:
 
     asyncio.run(run())
     assert sent == [{"type": "websocket.close", "code": 1008}]
+
+
+@pytest.mark.parametrize("bad", ["pool", "/", ""])
+def test_bad_stats_path(bad: str) -> None:
+    with pytest.raises(ValueError, match="stats_path="):
+        DBPoolMiddleware(Starlette(), {"x": object()}, stats_path=bad)  # type: ignore[dict-item]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import asgi_dbpool
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = Path(asgi_dbpool.__file__).resolve().parent
 
 #: The layers, lowest first: a module may import modules of its own layer and of the layers before it. Each

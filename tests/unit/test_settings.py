@@ -1,15 +1,44 @@
-"""``PoolSettings.from_env``: the report's variables, profile defaults and clear errors."""
+"""PoolSettings: profiles, environment variables, their parsing and the errors that name them."""
 
 from __future__ import annotations
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from asgi_dbpool import ConfigError, PoolSettings
 
 pytestmark = pytest.mark.anyio
+
+
+BAD = [
+    ("DB_POOL_SIZE", "", "is not a whole number"),
+    ("DB_POOL_SIZE", "ten", "is not a whole number"),
+    ("DB_POOL_SIZE", "-1", "is out of range"),
+    ("DB_POOL_SIZE", "0", "is out of range"),
+    ("DB_POOL_SIZE", "1.5", "is not a whole number"),
+    ("DB_POOL_SIZE", "99999999999999999999", "is out of range"),
+    ("DB_MAX_OVERFLOW", "-5", "is out of range"),
+    ("DB_POOL_TIMEOUT", "soon", "is not a number of seconds"),
+    ("DB_POOL_TIMEOUT", "0", "is out of range"),
+    ("DB_POOL_TIMEOUT", "-3", "is out of range"),
+    ("DB_POOL_TIMEOUT", "nan", "is out of range"),
+    ("DB_POOL_TIMEOUT", "inf", "is out of range"),
+    ("DB_POOL_TIMEOUT", "1e12", "is out of range"),
+    ("DB_POOL_RECYCLE", "-1", "is out of range"),
+    ("DB_QUERY_TIMEOUT", "", "is not a number of seconds"),
+    ("DB_POOL_PRE_PING", "maybe", "is not a boolean"),
+    ("DB_POOL_PRE_PING", "", "is not a boolean"),
+    ("ENVIRONMENT", "", "is not an environment name"),
+    ("ENVIRONMENT", "prod uction", "is not an environment name"),
+    ("ASYNC_DATABASE_URL", "mariadb+asyncmy://u:p@h/db", "unsupported scheme 'mariadb+asyncmy'"),
+    ("ASYNC_DATABASE_URL", "not a url", "is not a database URL"),
+    ("DATABASE_URL", "sqlite:///x.db", "unsupported scheme 'sqlite'"),
+    ("WEB_CONCURRENCY", "four", "is not a whole number"),
+    ("WEB_CONCURRENCY", "0", "is out of range"),
+    ("DB_HOSTS", "0", "is out of range"),
+    ("DB_PGBOUNCER_POOL_SIZE", "-1", "is out of range"),
+]
 
 
 def test_development_defaults() -> None:
@@ -110,36 +139,6 @@ def test_false_spellings(spelling: str) -> None:
     assert PoolSettings.from_env({"DB_POOL_PRE_PING": spelling}).pool_pre_ping is False
 
 
-BAD = [
-    ("DB_POOL_SIZE", "", "is not a whole number"),
-    ("DB_POOL_SIZE", "ten", "is not a whole number"),
-    ("DB_POOL_SIZE", "-1", "is out of range"),
-    ("DB_POOL_SIZE", "0", "is out of range"),
-    ("DB_POOL_SIZE", "1.5", "is not a whole number"),
-    ("DB_POOL_SIZE", "99999999999999999999", "is out of range"),
-    ("DB_MAX_OVERFLOW", "-5", "is out of range"),
-    ("DB_POOL_TIMEOUT", "soon", "is not a number of seconds"),
-    ("DB_POOL_TIMEOUT", "0", "is out of range"),
-    ("DB_POOL_TIMEOUT", "-3", "is out of range"),
-    ("DB_POOL_TIMEOUT", "nan", "is out of range"),
-    ("DB_POOL_TIMEOUT", "inf", "is out of range"),
-    ("DB_POOL_TIMEOUT", "1e12", "is out of range"),
-    ("DB_POOL_RECYCLE", "-1", "is out of range"),
-    ("DB_QUERY_TIMEOUT", "", "is not a number of seconds"),
-    ("DB_POOL_PRE_PING", "maybe", "is not a boolean"),
-    ("DB_POOL_PRE_PING", "", "is not a boolean"),
-    ("ENVIRONMENT", "", "is not an environment name"),
-    ("ENVIRONMENT", "prod uction", "is not an environment name"),
-    ("ASYNC_DATABASE_URL", "mariadb+asyncmy://u:p@h/db", "unsupported scheme 'mariadb+asyncmy'"),
-    ("ASYNC_DATABASE_URL", "not a url", "is not a database URL"),
-    ("DATABASE_URL", "sqlite:///x.db", "unsupported scheme 'sqlite'"),
-    ("WEB_CONCURRENCY", "four", "is not a whole number"),
-    ("WEB_CONCURRENCY", "0", "is out of range"),
-    ("DB_HOSTS", "0", "is out of range"),
-    ("DB_PGBOUNCER_POOL_SIZE", "-1", "is out of range"),
-]
-
-
 @pytest.mark.parametrize(("variable", "value", "reason"), BAD)
 def test_bad_values_name_the_variable_and_the_value(variable: str, value: str, reason: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -194,41 +193,66 @@ def test_any_string_is_accepted_or_a_config_error(variable: str, value: str) -> 
     assert message.startswith(f"{variable}=")
 
 
-async def test_create_async_engine_uses_the_settings(database_url: str) -> None:
-    s = PoolSettings.from_env(
-        {"DATABASE_URL": database_url.replace("+asyncpg", "+psycopg2"), "DB_POOL_SIZE": "3", "DB_QUERY_TIMEOUT": "7"}
-    )
-    engine = s.create_async_engine()
-    try:
-        assert isinstance(engine, AsyncEngine)
-        assert engine.url.drivername == "postgresql+asyncpg"  # DATABASE_URL's driver switched
-        assert engine.pool.size() == 3
-        assert engine.pool._recycle == 3600
-        async with engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            assert raw.driver_connection._config.command_timeout == 7
-    finally:
-        await engine.dispose()
-
-
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_create_sync_engine_uses_database_url(database_url: str, driver: str) -> None:
-    """psycopg 3 is a sync driver too (and an async one): both build the legacy engine, with the query timeout."""
-    from sqlalchemy import text
-
-    s = PoolSettings.from_env(
-        {"DATABASE_URL": database_url.replace("+asyncpg", f"+{driver}"), "DB_QUERY_TIMEOUT": "1.5"}
-    )
-    engine = s.create_sync_engine()
-    try:
-        with engine.connect() as conn:
-            assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "1500ms"
-    finally:
-        engine.dispose()
-
-
 def test_missing_urls_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="No database URL is set"):
         PoolSettings.from_env({}).create_async_engine()
     with pytest.raises(ConfigError, match="DATABASE_URL is not set"):
         PoolSettings.from_env({}).create_sync_engine()
+
+
+def test_off_means_off_and_unset_means_not_said() -> None:
+    """(f) DB_PGBOUNCER=off reaches the middleware as "off" (no pooler detection); unset stays "not said"."""
+    assert PoolSettings.from_env({"DB_PGBOUNCER": "off"}).middleware_options()["pgbouncer"] == "off"
+    assert PoolSettings.from_env({}).middleware_options()["pgbouncer"] is None
+    assert PoolSettings.from_env({"DB_PGBOUNCER": "Transaction"}).middleware_options()["pgbouncer"] == "transaction"
+
+
+def test_settings_repr_masks_the_password() -> None:
+    """(g)"""
+    settings = PoolSettings.from_env(
+        {
+            "DATABASE_URL": "postgresql://app:s3cret@db:5432/app",
+            "ASYNC_DATABASE_URL": "postgresql+asyncpg://app:s3cret@db:5432/app",
+        }
+    )
+    text_ = repr(settings)
+    assert "s3cret" not in text_
+    assert "database_url='postgresql://app:***@db:5432/app'" in text_
+    assert "async_database_url='postgresql+asyncpg://app:***@db:5432/app'" in text_
+    assert text_.startswith("PoolSettings(environment='development', pool_size=10,")
+
+
+def test_the_middlewares_own_options_come_from_the_environment_too() -> None:
+    settings = PoolSettings.from_env(
+        {
+            "DB_POOL_STATS_PATH": "/internal/pool/",
+            "DB_POOL_STATS_TOKEN": "s3cret-token",
+            "DB_POOL_MONITOR_INTERVAL": "15",
+            "DB_POOL_SHUTDOWN_TIMEOUT": "20",
+            "DB_POOL_STARTUP_TIMEOUT": "3",
+        }
+    )
+    options = settings.middleware_options()
+    assert {k: options[k] for k in ("stats_path", "stats_token", "monitor_interval")} == {  # type: ignore[literal-required]
+        "stats_path": "/internal/pool/",
+        "stats_token": "s3cret-token",
+        "monitor_interval": 15.0,
+    }
+    assert (options["shutdown_timeout"], options["startup_timeout"], options["production"]) == (20.0, 3.0, False)
+    assert "s3cret-token" not in repr(settings)
+    assert PoolSettings.from_env({"DB_POOL_STATS_PATH": "off"}).middleware_options()["stats_path"] is None
+    with pytest.raises(ConfigError, match=r"^DB_POOL_SHUTDOWN_TIMEOUT='0' is out of range"):
+        PoolSettings.from_env({"DB_POOL_SHUTDOWN_TIMEOUT": "0"})
+
+
+async def test_settings_carry_the_overload_options() -> None:
+    settings = PoolSettings.from_env({"DB_POOL_RETRY_AFTER": "5", "DB_POOL_MAX_PENDING": "8"})
+    options = settings.middleware_options()
+    assert (options["leak_threshold"], options["retry_after"], options["max_pending"]) == (None, 5, 8)
+
+
+def test_the_setting_is_validated() -> None:
+    from asgi_dbpool import ConfigError
+
+    with pytest.raises(ConfigError, match="DB_PGBOUNCER='statement' is not a PgBouncer pooling mode"):
+        PoolSettings.from_env({"DB_PGBOUNCER": "statement"})

@@ -1,0 +1,63 @@
+"""How the benchmarks judge their targets (no run needed)."""
+
+from __future__ import annotations
+
+
+def test_a_missed_target_is_judged_by_its_floor() -> None:
+    """The verdict under the instruction table: a floor below the target proves it out of reach with the features
+    kept; a floor above it says how many instructions the target leaves the rest of the middleware, beside what
+    that rest takes and the features it carries."""
+    from benchmarks.instructions import BOOKKEEPING, _missed
+
+    floor = "floor: request record + send hook"
+    base = [100.0e3]
+    by_layout = {"bare": base, floor: [110.0e3], "DBPoolMiddleware": [112.0e3]}
+    out_of_reach = _missed("w", "DBPoolMiddleware", 0.97, floor, base, by_layout)
+    assert out_of_reach == (
+        "- w, DBPoolMiddleware: 0.893 (target 0.97). The floor, the request's record in a context variable (a "
+        "checkout in a task the request spawned finds it) and the send hook (the 503 in place of the app's 500, the "
+        "end of the response for the commit-after-response warning), is 0.909 by itself: the target cannot be met "
+        f"while these features stay. The rest, 2.0 k, is the bookkeeping of the other features: {BOOKKEEPING[floor]} "
+        "(docs/benchmarks.md measures each part)."
+    )
+    within_reach = _missed("w", "DBPoolMiddleware", 0.90, floor, base, by_layout)
+    # 100 k / 0.90 = 111.1 k in all: 1.1 k above the floor's 110 k, where the middleware takes 2.0 k.
+    assert "is 0.909 by itself: the target leaves 1.1 k instructions for the rest of the middleware. " in within_reach
+    assert "The rest, 2.0 k, is the bookkeeping of the other features: per request, " in within_reach
+
+
+def test_the_instruction_table_takes_each_ratio_within_a_layout_and_judges_each_target_by_its_floor() -> None:
+    """Made-up counts in three layouts: the medians, the ranges, the ratios taken within each layout, and the
+    leak-detection target judged by the floor that keeps the stack (not by the checkout site's)."""
+    from benchmarks.instructions import report
+
+    base = [200.0e3, 202.0e3, 198.0e3]
+    extra = {
+        "plain engine": [0.0] * 3,
+        "floor: checkout site": [10.0e3] * 3,
+        "DBPoolMiddleware": [30.0e3, 12.0e3, 12.0e3],  # one layout far off: the median of ratios ignores it
+        "floor: checkout stack": [12.0e3] * 3,
+        "DBPoolMiddleware, leak detection on": [25.0e3] * 3,
+    }
+    counts = {
+        ("checkout", variant, layout): base[layout] + more[layout]
+        for variant, more in extra.items()
+        for layout in range(3)
+    }
+    text = report(["checkout"], counts)
+    what = "`engine.connect()` + close, no query"
+    # 200/230, 202/214, 198/210 = 0.870, 0.944, 0.943: their median, not 200/214 (0.935, the medians' ratio)
+    assert f"| {what} | DBPoolMiddleware | 214.0 k | 210.0-230.0 k | 0.943 | 0.870-0.944 | >= 0.95: missed |" in text
+    assert f"| {what} | plain engine | 200.0 k | 198.0-202.0 k | 1.000 | 1.000-1.000 |  |" in text
+    verdicts = text.split("run alone):\n\n")[1].splitlines()
+    assert len(verdicts) == 2
+    # The site floor: 0.952 (200/210); the target leaves 200/0.95 - 210 = 0.5 k (the median of the layouts').
+    assert verdicts[0].startswith(f"- {what}, DBPoolMiddleware: 0.943 (target 0.95). The floor, the walk that ")
+    assert "is 0.952 by itself: the target leaves 0.5 k instructions for the rest of the middleware. " in verdicts[0]
+    assert "The rest, 2.0 k, is the bookkeeping" in verdicts[0]  # the median of 20, 2 and 2 k
+    # Leak detection: 200/225 = 0.889, judged by the stack floor (200/212 = 0.943; 200/0.9 - 212 = 10.2 k).
+    assert verdicts[1].startswith(
+        f"- {what}, DBPoolMiddleware, leak detection on: 0.889 (target 0.9). The floor, the same walk going on"
+    )
+    assert "is 0.943 by itself: the target leaves 10.2 k instructions for the rest of the middleware. " in verdicts[1]
+    assert "The rest, 13.0 k, is the bookkeeping" in verdicts[1]
