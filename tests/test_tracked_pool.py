@@ -1,5 +1,5 @@
-"""The hot path's shortcuts keep the figures exact: batched histograms bucket like one bisect per observation,
-and the tracked pool is a fresh instance of a subclass that keeps the pool's logger."""
+"""The tracked pool: a fresh instance of a subclass that keeps the pool's logger; a pool that already holds
+connections is left as it is and followed through pool events."""
 
 from __future__ import annotations
 
