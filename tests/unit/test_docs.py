@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import itertools
 import re
 from pathlib import Path
@@ -61,3 +62,49 @@ def test_relative_links_resolve(page: Path) -> None:
         if fragment:
             headings = re.findall(r"^#+ (.+)$", file.read_text(), flags=re.M)
             assert fragment in {anchor(h) for h in headings}, f"{page.name}: no heading #{fragment} in {file.name}"
+
+
+def reference_sections(text: str) -> dict[str, str]:
+    """A reference page's ``###`` sections by heading."""
+    parts = re.split(r"^### (.+)$", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def reference_problems(text: str, names: list[str]) -> list[str]:
+    """Each public name's problem on the page: not exactly one heading, or no example; and examples that do not
+    parse."""
+    sections = reference_sections(text)
+    problems = []
+    for name in names:
+        where = [heading for heading in sections if f"`{name}`" in heading]
+        if len(where) != 1:
+            problems.append(f"{name}: {len(where)} headings")
+        elif "```python" not in sections[where[0]]:
+            problems.append(f"{name}: no example")
+    for heading, body in sections.items():
+        for block in re.findall(r"```python\n(.*?)```", body, flags=re.S):
+            try:
+                ast.parse(block)
+            except SyntaxError as error:
+                problems.append(f"{heading}: {error.msg}")
+    return problems
+
+
+def test_every_public_name_is_documented_once_with_an_example() -> None:
+    import asgi_dbpool
+    import asgi_dbpool.litestar
+    import asgi_dbpool.prometheus
+    import asgi_dbpool.starlette
+
+    modules = (asgi_dbpool, asgi_dbpool.starlette, asgi_dbpool.prometheus, asgi_dbpool.litestar)
+    names = [name for module in modules for name in module.__all__]
+    assert reference_problems((ROOT / "docs" / "reference.md").read_text(), names) == []
+
+
+def test_the_reference_check_can_fail() -> None:
+    page = "### `a`\n\ntext\n\n### `b` and `a`\n\n```python\nexcept:\n```\n"
+    assert reference_problems(page, ["a", "b", "c"]) == [
+        "a: 2 headings",
+        "c: 0 headings",
+        "`b` and `a`: invalid syntax",
+    ]
