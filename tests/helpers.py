@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
+
+import httpx
+from asgi_lifespan import LifespanManager
+from prometheus_client.parser import text_string_to_metric_families
 
 from asgi_dbpool.base.types import ASGIApp, Message
 
@@ -144,3 +148,24 @@ async def cut_off_post(app: ASGIApp, reached: asyncio.Event, msg: str | None = N
     await task  # the cancellation ended in an answer, not an exception for the server to print
     assert task.cancelling() == 0
     return sent
+
+
+#: The stats endpoint's default path.
+PATH = "/api/system/database/pool"
+
+
+def samples(metrics_text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample, keyed by name and sorted labels, as prometheus_client's own parser reads them."""
+    out = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            yield client

@@ -23,9 +23,9 @@ from asgi_dbpool import DBPoolMiddleware, PoolStatsApp
 from asgi_dbpool.observe.monitor import PoolMonitor
 from asgi_dbpool.pool.registry import tracker_for
 from tests.conftest import asyncpg_dsn, wait_for_no_backends
+from tests.helpers import PATH
 
 pytestmark = pytest.mark.anyio
-PATH = "/api/system/database/pool"
 
 
 @contextlib.asynccontextmanager
@@ -195,3 +195,22 @@ async def test_stats_can_be_turned_off(make_engine: Callable[..., AsyncEngine]) 
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             assert (await client.get(PATH)).text == "app"
+
+
+async def test_readiness_turns_503_when_shutdown_begins(make_engine: Callable[..., AsyncEngine]) -> None:
+    seen: list[int] = []
+    client_box: list[httpx.AsyncClient] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        seen.append((await client_box[0].get(PATH + "/ready")).status_code)  # during the app's own shutdown
+
+    app = DBPoolMiddleware(Starlette(lifespan=lifespan), make_engine())
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        client_box.append(httpx.AsyncClient(transport=transport, base_url="http://t"))
+        ready = await client_box[0].get(PATH + "/ready")
+        assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
+    await client_box[0].aclose()
+    assert seen == [503]

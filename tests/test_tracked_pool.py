@@ -99,3 +99,20 @@ async def test_a_static_pool_keeps_its_connection_and_is_followed_through_events
         assert len(tracker.checkouts) == 0
         assert (tracker.checkouts_total - before[0], tracker.use.count - before[1]) == (3, 3)
     assert events == ["disposed"]
+
+
+async def test_an_engine_sharing_a_tracked_pool_shares_its_tracker(make_engine: Callable[..., AsyncEngine]) -> None:
+    """``engine.execution_options(...)`` shares the engine's pool: its checkouts are the pool's, seen by one tracker
+    (the pool reports to the tracker it was given; a second tracker would see nothing)."""
+    from asgi_dbpool.pool.registry import tracker_for
+
+    engine = make_engine()
+    autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+    tracker = tracker_for(engine, "default")
+    assert tracker_for(autocommit, "autocommit") is tracker
+    async with autocommit.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+        assert len(tracker.checkouts) == 1
+    assert tracker.checkouts == {}
+    assert tracker.checkouts_total == 1
+    await engine.dispose()  # the test's engines must leave no backend (one pool: both are closed)
