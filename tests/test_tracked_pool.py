@@ -101,6 +101,7 @@ async def test_a_static_pool_keeps_its_connection_and_is_followed_through_events
     assert events == ["disposed"]
 
 
+@pytest.mark.anyio
 async def test_an_engine_sharing_a_tracked_pool_shares_its_tracker(make_engine: Callable[..., AsyncEngine]) -> None:
     """``engine.execution_options(...)`` shares the engine's pool: its checkouts are the pool's, seen by one tracker
     (the pool reports to the tracker it was given; a second tracker would see nothing)."""
