@@ -212,20 +212,22 @@ class PoolTracker:
         return reports
 
     async def _invalidate(self, leak: Checkout) -> None:
-        record = leak.record
-        key = id(record)
+        proxy = leak.proxy()
+        key = id(leak.record)
         self._reclaiming.add(key)
         try:
-            # An invalidated connection was already closed (by SQLAlchemy, or by the holder's own error handling).
-            if record.dbapi_connection is not None:
-                # The entry's hard invalidate closes the connection (public: ConnectionPoolEntry.invalidate). The
-                # leaked session's connection stays checked out of the pool until the garbage collector takes it,
-                # which then returns the entry quietly: it holds no DBAPI connection any more.
+            # A dead or invalidated proxy was already handed back by SQLAlchemy itself.
+            if proxy is not None and proxy.is_valid:
+                # The proxy's hard invalidate closes the connection and checks the record back in, which also
+                # detaches the proxy's garbage-collection finalizer: collecting the leaked session logs nothing,
+                # and its holder closing it later finds it invalidated (no rollback on a closed connection).
+                # The entry's own invalidate() would close the connection but leave the proxy valid: a later
+                # session.close() then rolls back on it and raises (SQLAlchemy 2.0.44).
                 if self.async_engine is not None:
                     # In a greenlet, asyncpg's terminate() closes gracefully (Terminate message, 2 s cap).
-                    await greenlet_spawn(record.invalidate)
+                    await greenlet_spawn(proxy.invalidate)
                 else:
-                    await asyncio.to_thread(record.invalidate)
+                    await asyncio.to_thread(proxy.invalidate)
         except Exception:
             logger.exception("engine %r: could not close a leaked connection %s", self.name, leak.site)
         finally:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from asgi_dbpool import DBPoolMiddleware
 
@@ -126,3 +126,31 @@ async def test_an_exhausted_pool_answers_503_with_retry_after(sqlite: Callable[.
     assert busy.headers["retry-after"] == "7"
     assert busy.json() == {"detail": "the database connection pool is exhausted; retry later"}
     assert wrapped.all_trackers()[0].acquisition.timeouts == 1
+
+
+async def test_a_leaked_session_closed_after_the_reclaim_closes_quietly(
+    sqlite: Callable[..., AsyncEngine], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shutdown closes the connection a request leaked (one WARNING); its holder closing the session later (a
+    test's fixture, say) finds it invalidated: no rollback on a closed connection, nothing logged, no error."""
+    engine = sqlite()
+    leaked: list[AsyncSession] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            return
+        session = AsyncSession(engine)
+        await session.execute(text("SELECT 1"))  # checked out, never closed
+        leaked.append(session)
+        await plain(scope, receive, send)
+
+    wrapped = DBPoolMiddleware(app, engine)
+    caplog.set_level(logging.WARNING)
+    async with LifespanManager(wrapped), client(wrapped) as http:
+        assert (await http.get("/leak")).status_code == 200
+    assert [r.getMessage().split(" checked out at ")[0] for r in caplog.records] == [
+        "engine 'default': closing a leaked connection"
+    ]
+    await leaked[0].close()  # raised OperationalError when only the pool entry was invalidated (SQLAlchemy 2.0.44)
+    assert len(caplog.records) == 1
+    assert wrapped.all_trackers()[0].reclaimed == 1
