@@ -90,7 +90,7 @@ def track(engine: Engine, tracker: Tracker) -> None:
         "__module__": __name__,
         # SQLAlchemy names a pool's logger after its class (log._qual_logger_name_for_cls reads this private class
         # attribute first): the pool's log lines keep the engine's own pool class's logger. Tested on the lowest
-        # and newest SQLAlchemy (test_hot_path).
+        # and newest SQLAlchemy (test_tracked_pool).
         "_sqla_logger_namespace": getattr(base, "_sqla_logger_namespace", None) or f"{base.__module__}.{base.__name__}",
     }
     tracked = type(f"Tracked{base.__name__}", (TrackedPool, base), namespace)
@@ -131,7 +131,7 @@ def _holds_no_connection(pool: Any) -> bool:
         return True
     try:
         return int(pool.checkedin()) == 0 and int(pool.checkedout()) == 0
-    except AttributeError:  # StaticPool, SingletonThreadPool: they may hold one; the swapped class stays
+    except AttributeError:  # StaticPool, SingletonThreadPool: they may hold one; followed through events
         return False
 
 
