@@ -8,6 +8,7 @@ Targets (SIGTERM to exit, ``shutdown_timeout=5``, graceful timeout 3 s): pooled 
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 import time
@@ -15,9 +16,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy
+from asgi_lifespan import LifespanManager
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from starlette.applications import Starlette
 
+from asgi_dbpool import DBPoolMiddleware
 from tests.blackhole import blackhole
 from tests.servers import Run
 
@@ -88,6 +93,52 @@ async def test_control_a_plain_dispose_waits_on_the_silent_database(database_url
             async with asyncio.timeout(4):
                 await engine.dispose()
         assert time.monotonic() - started >= 4
+
+
+@pytest.mark.parametrize("wrapped", [True, False], ids=["wrapped", "bare"])
+async def test_a_holder_cancelled_while_its_session_closes(wrapped: bool, database_url: str) -> None:
+    """A task's ``async with AsyncSession`` is closing (its ROLLBACK sent) when the database stops answering, and
+    the shutdown cancels the task. SQLAlchemy 2.0 closes in a task of its own behind ``asyncio.shield``, which the
+    cancellation leaves behind (2.1 waits for it): the shutdown closes that connection, so the close fails where
+    nobody awaits it, and asyncio said "Task exception was never retrieved" (about one CI run in a hundred, when
+    the poller of test_a_background_task_stuck_in_a_query was closing). The control: bare, nothing closes the
+    connection and the close is still waiting on the database when the app has stopped."""
+    seen: list[str] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda loop, context: seen.append(context["message"]))
+    try:
+        async with blackhole(database_url) as (hole, url):
+            engine = create_async_engine(url)
+            maker = async_sessionmaker(engine)
+            closing = asyncio.Event()
+
+            async def holder() -> None:
+                async with maker() as session:
+                    await session.execute(text("SELECT 1"))
+                    hole.drop()
+                    closing.set()  # the close's ROLLBACK goes into the blackhole
+
+            app: object = DBPoolMiddleware(Starlette(), engine, shutdown_timeout=5) if wrapped else Starlette()
+            async with LifespanManager(app, shutdown_timeout=None):  # type: ignore[arg-type]
+                task = asyncio.create_task(holder())
+                await closing.wait()
+                await asyncio.sleep(0.1)
+                if not wrapped:
+                    task.cancel()
+            closes = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "AsyncSession.close"]  # type: ignore[union-attr]
+            if not wrapped:  # nothing closed its connection: the close still waits on the database
+                assert [t.done() for t in closes] == [False]
+                for t in closes:
+                    t.cancel()
+            await asyncio.wait([task, *closes])
+            assert task.cancelled() if sqlalchemy.__version__ < "2.1" or not wrapped else task.exception()
+            del task, closes  # (the holder's frames hold SQLAlchemy's close task: asyncio speaks when both are gone)
+            gc.collect()
+            if not wrapped:
+                await engine.dispose(close=False)
+    finally:
+        loop.set_exception_handler(None)
+    assert seen == []
 
 
 @pytest.mark.parametrize("wrapped", [True, False], ids=["wrapped", "bare"])
