@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 # The floors run the middleware's own parts (imported here: an import in a function is paid at every call).
-from asgi_dbpool.asgi.request import InFlight, current_request
+from asgi_dbpool.asgi.request import InFlight, set_request
 from asgi_dbpool.pool.checkout import checkout_frames
 
 from .processes import free_port, wait_for_port, wrk
@@ -161,8 +161,8 @@ class RecordOnly(Forward):
     middleware's own record: it is made, set in the context variable, and routes ``send``."""
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        request = InFlight.start(scope, send, 1)
-        current_request.set(request)
+        request = InFlight.start(scope, send)
+        set_request(request)
         try:
             await self.app(scope, receive, request.send)
         finally:

@@ -15,7 +15,7 @@ from ..base.records import fields
 from ..base.types import ASGIApp, Message, Receive, Scope, Send
 from ..lifecycle.shutdown import CLOSE_FRAME_TIMEOUT
 from ..pool.checkout import TASK_STEP, current_task
-from .request import InFlight, current_request
+from .request import InFlight, reset_request, set_request
 from .responses import SHUT_AFTER_COMMIT, SHUTTING_DOWN, respond
 
 logger = logging.getLogger("asgi_dbpool")
@@ -121,8 +121,8 @@ class ConnectionTracker:
                     self.closed_by_server += 1
             return message
 
-        request = InFlight.start(scope, send, 0)
-        token = current_request.set(request)
+        request = InFlight.start(scope, send)
+        token = set_request(request)
         try:
             await app(scope, tracked_receive, tracked_send)
         except Exception as exc:
@@ -134,7 +134,7 @@ class ConnectionTracker:
             request.done = True
             if request.holding:  # it leaves connections behind: a leak check compares their task with its own
                 request.task = current_task()
-            current_request.reset(token)
+            reset_request(token)
             if ws is not None:
                 if ws.pending is not None:
                     ws.pending.cancel()

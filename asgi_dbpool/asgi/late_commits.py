@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from ..base.records import fields
 from ..base.types import STATE_KEY
-from .request import InFlight, current_request
+from .request import InFlight, get_request
 
 logger = logging.getLogger("asgi_dbpool")
 
@@ -24,7 +24,7 @@ def on_session_commit(session: Session) -> None:
     event dispatch for every statement (about 2% end to end here). Commits through ``AsyncConnection`` /
     ``engine.begin()`` directly are therefore not seen.
     """
-    request = current_request.get()
+    request = get_request()
     if request is not None and not request.done:
         request.committed = True
         # A COMMIT that matters: a transaction holds a connection, or the flush in this commit writes changes.

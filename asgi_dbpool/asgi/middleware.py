@@ -27,7 +27,7 @@ from ..pool.registry import name_engines, tracker_for
 from ..pool.tracker import PoolTracker
 from .connections import SERVICE_RESTART, ConnectionTracker, answer_cancelled, cancelled_by_server
 from .late_commits import LateCommits, on_session_commit
-from .request import InFlight, current_request
+from .request import InFlight, reset_request, set_request
 from .responses import POOL_EXHAUSTED, SHUTTING_DOWN, respond
 from .stats_app import PoolStatsApp, route_path
 
@@ -131,7 +131,10 @@ class DBPoolMiddleware:
         topology = Topology(options.workers or workers_from_env(), options.hosts, options.pgbouncer_pool_size)
         self.lifecycle = Lifecycle(self.app, options, trackers, sync_trackers, topology, ConnectionTracker())
         self.retry_after = options.retry_after
+        self.in_flight = InFlight.for_retry_after(options.retry_after)  # each request's record
         self.stats_path = options.stats_path
+        # What a request's path is tested for first: without a stats path, a string no test is made for (_stats).
+        self.stats_probe = options.stats_path if options.stats_path is not None else "\x00"
         self.opentelemetry = _otel.enroll(self.all_trackers())
         self.sessionmakers = {name: async_sessionmaker(eng, expire_on_commit=False) for name, eng in named.items()}
         #: This app's ORM commits that started after their response went out (its /metrics shows them).
@@ -207,39 +210,30 @@ class DBPoolMiddleware:
 
     # -- ASGI --------------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        kind = scope["type"]
-        if kind == "http" or kind == "websocket":
-            stats_path = self.stats_path
-            # A substring test first (one operation): a path routed to the stats app always contains its path.
-            if stats_path is not None and stats_path in scope["path"]:
-                path = route_path(scope) if scope.get("root_path") else scope["path"]
-                if path.startswith(stats_path) and (len(path) == len(stats_path) or path[len(stats_path)] == "/"):
-                    root = scope.get("root_path", "") + stats_path
-                    sub_scope = {**scope, "root_path": root, "path": root + path[len(stats_path) :]}
-                    await self.stats_app(sub_scope, receive, send)
-                    return
-            state = scope.get("state")
-            if state is None:
-                scope["state"] = {STATE_KEY: self}
-            elif STATE_KEY not in state:
-                state[STATE_KEY] = self
-            lifecycle = self.lifecycle
-            if kind == "websocket":
-                await self._websocket(scope, receive, send)
+        if scope["type"] == "http":
+            # The HTTP hot path, inline. A substring test first (one operation): a path routed to the stats app
+            # always contains its path (stats_probe: the stats path, or a string no path is checked for).
+            if self.stats_probe in scope["path"] and await self._stats(scope, receive, send):
                 return
+            try:  # _note_state, inline (a subscript, not get(): a method call less per request)
+                state = scope["state"]
+                if STATE_KEY not in state:
+                    state[STATE_KEY] = self
+            except (KeyError, TypeError):  # no lifespan state (a server or client without it), or None
+                scope["state"] = {STATE_KEY: self}
+            lifecycle = self.lifecycle
             if not lifecycle.serving:  # shutting down, the server began to stop, or no lifespan is running
                 if lifecycle.state == "stopping" or lifecycle.state == "running":  # running: a stop signal came
                     await respond(send, 503, SHUTTING_DOWN, retry_after=self.retry_after, close=True)
                     return
                 await lifecycle.enter_unhosted()  # left in request_ended (connections.watched)
-            # The HTTP hot path, inline: a counter and the request in flight, which is also the app's send.
+            # A counter and the request in flight, which is also the app's send.
             connections = lifecycle.connections
             connections.http_in_flight += 1
-            request = InFlight()  # InFlight.start, inline
+            request = self.in_flight()  # InFlight.start, inline
             request.scope = scope
             request.server_send = send
-            request.retry_after = self.retry_after
-            token = current_request.set(request)
+            token = set_request(request)
             try:
                 await self.app(scope, receive, request.send)
             except asyncio.CancelledError:
@@ -268,16 +262,42 @@ class DBPoolMiddleware:
                 request.done = True
                 if request.holding:  # it leaves connections behind: a leak check compares their task with its own
                     request.task = current_task()
-                current_request.reset(token)  # a caller in the same task (an outer wrapped app) gets its own back
+                reset_request(token)  # a caller in the same task (an outer wrapped app) gets its own back
                 connections.http_in_flight -= 1
                 if connections.watched:  # the shutdown's drain, or requests served without a lifespan
                     await lifecycle.request_ended()
-        elif kind == "lifespan":
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+        elif scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
         else:
             await self.app(scope, receive, send)
 
+    async def _stats(self, scope: Scope, receive: Receive, send: Send) -> bool:
+        """Serve the stats endpoints if this request is for them; whether it was."""
+        stats_path = self.stats_path
+        if stats_path is None:
+            return False
+        path = route_path(scope) if scope.get("root_path") else scope["path"]
+        if not (path.startswith(stats_path) and (len(path) == len(stats_path) or path[len(stats_path)] == "/")):
+            return False
+        root = scope.get("root_path", "") + stats_path
+        await self.stats_app({**scope, "root_path": root, "path": root + path[len(stats_path) :]}, receive, send)
+        return True
+
+    def _note_state(self, scope: Scope) -> None:
+        """Put this middleware in the request's state (``request.state.asgi_dbpool``), where the lifespan's did not."""
+        try:
+            state = scope["state"]
+            if STATE_KEY not in state:
+                state[STATE_KEY] = self
+        except (KeyError, TypeError):  # no lifespan state (a server or client without it), or None
+            scope["state"] = {STATE_KEY: self}
+
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.stats_probe in scope["path"] and await self._stats(scope, receive, send):
+            return
+        self._note_state(scope)
         lifecycle = self.lifecycle
         if lifecycle.state == "stopping" or (lifecycle.state == "running" and lifecycle.server_stopping):
             await send({"type": "websocket.close", "code": 1001})

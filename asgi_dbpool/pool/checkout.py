@@ -42,12 +42,17 @@ class Request(Protocol):
     exhausted: Any
     task: asyncio.Task[Any] | None
 
+    def exhaust(self, tracker: Any) -> None: ...
+
     def route(self) -> str: ...
 
 
 #: The request or WebSocket being served in this context, set by the middleware for each call and reset when the
 #: call ends: a wrapped sub-app called from a wrapped app in the same task gives the outer request back.
 current_request: ContextVar[Request | None] = ContextVar("asgi_dbpool_request", default=None)
+#: ``current_request.get``, bound once for the hot paths: CPython 3.11 compiles a method call on an imported name as
+#: an attribute load (it takes the name for a module's), which makes a bound method at every call.
+get_current_request = current_request.get
 
 
 def _is_internal(filename: str) -> bool:

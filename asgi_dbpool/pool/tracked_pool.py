@@ -30,7 +30,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import ConnectionPoolEntry, NullPool, Pool
 
 from .acquire import Acquisition
-from .checkout import Held, checkout_frames, current_request
+from .checkout import Held, checkout_frames, get_current_request
 from .histogram import FOLD_AT, Histogram
 
 if TYPE_CHECKING:
@@ -177,7 +177,7 @@ def _follow_with_events(engine: Engine, pool: Pool, tracker: Tracker) -> None:
             task = current_task()
         except RuntimeError:
             task = None
-        request = current_request.get()
+        request = get_current_request()
         if request is not None:
             if request.done:
                 request = None
@@ -299,7 +299,7 @@ def _tracking(
         now = perf_counter()
         acquisition.wait.add(now - started)
         # Checked out from here on, pre-ping included: shutdown waits for this task like any holder.
-        request = current_request.get()
+        request = get_current_request()
         if request is not None:
             if request.done:  # an in-process caller's task after its request (see InFlight)
                 request = None

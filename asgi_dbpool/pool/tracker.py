@@ -15,7 +15,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from ..base.records import fields
 from .acquire import Acquisition, PoolClosedError, PoolOverloadedError
-from .checkout import Checkout, Held, current_request
+from .checkout import Checkout, Held, get_current_request
 from .dialects import abort_if_closing, wait_closed
 from .histogram import Histogram
 from .tracked_pool import track
@@ -126,9 +126,9 @@ class PoolTracker:
 
     def exhausted(self) -> None:
         """A checkout timed out or was refused: mark the request (its error becomes a 503), warn once."""
-        request = current_request.get()
+        request = get_current_request()
         if request is not None and not request.done:
-            request.exhausted = self
+            request.exhaust(self)
         if not self.overloaded:
             self.overloaded = True
             self._log_figures(
