@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import signal
 from collections.abc import AsyncIterator, Callable
 
 import asyncpg
@@ -23,7 +24,7 @@ from asgi_dbpool import DBPoolMiddleware, PoolStatsApp
 from asgi_dbpool.observe.monitor import PoolMonitor
 from asgi_dbpool.pool.registry import tracker_for
 from tests.conftest import asyncpg_dsn, wait_for_no_backends
-from tests.helpers import PATH
+from tests.helpers import PATH, server_signal_handlers
 
 pytestmark = pytest.mark.anyio
 
@@ -214,3 +215,25 @@ async def test_readiness_turns_503_when_shutdown_begins(make_engine: Callable[..
         assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
     await client_box[0].aclose()
     assert seen == [503]
+
+
+async def test_readiness_turns_503_at_the_stop_signal(make_engine: Callable[..., AsyncEngine]) -> None:
+    """A stop signal heard while running: the app refuses new requests (503 + Connection: close), and readiness
+    says so at once, before the lifespan shutdown (uvicorn drains requests first). Before: 200 "ready" until then."""
+
+    async def hello(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("app")
+
+    app = DBPoolMiddleware(Starlette(routes=[Route("/", hello)]), make_engine())
+    with server_signal_handlers():  # a server: its signal handlers, then the lifespan
+        async with LifespanManager(app) as manager:
+            transport = httpx.ASGITransport(app=manager.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                before = [(r.status_code, r.text) for r in (await client.get("/"), await client.get(PATH + "/ready"))]
+                signal.raise_signal(signal.SIGINT)
+                await asyncio.sleep(0.01)  # the middleware hears of it in the loop
+                refused, ready = await client.get("/"), await client.get(PATH + "/ready")
+                stats = (await client.get(PATH)).json()
+    assert before == [(200, "app"), (200, '{"status":"ready"}')]
+    assert (refused.status_code, ready.status_code, ready.json()) == (503, 503, {"status": "shutting_down"})
+    assert stats["status"] == "shutting_down"

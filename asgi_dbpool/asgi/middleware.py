@@ -146,7 +146,8 @@ class DBPoolMiddleware:
         self.stats_app = PoolStatsApp(
             shown,
             token=options.stats_token,
-            shutting_down=lambda: self.shutting_down,
+            # From a stop signal on, as the app refuses new requests (not only from the lifespan shutdown on).
+            shutting_down=lambda: self.lifecycle.shutting_down or self.lifecycle.server_stopping,
             late_commits=self.late_commits.counts,
         )
 
