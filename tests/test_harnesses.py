@@ -306,6 +306,49 @@ async def test_a_cancelled_shutdown_closes_everything_and_can_start_again(
         assert (await client.get("/n")).json() == {"n": 7}
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("wrapped", [True, False], ids=["wrapped", "bare"])
+async def test_a_running_lifespan_cancelled_by_its_caller_propagates(
+    wrapped: bool, make_engine: Callable[..., AsyncEngine], database_url: str
+) -> None:
+    """A test's ``asyncio.timeout`` around a lifespan that started and waits for its shutdown message: the caller
+    gets its ``TimeoutError``, as bare. Wrapped, everything is closed first (no backend left, the lifecycle
+    stopped) and the app can start again. Before: the middleware ended the lifespan quietly, as it does for a
+    server's forced exit, so the timeout never fired and the caller saw the lifespan return."""
+    engine = make_engine()
+    name = make_engine.name_of(engine)  # type: ignore[attr-defined]
+    inner = starlette_app(engine)
+    app: Any = DBPoolMiddleware(inner, engine) if wrapped else inner
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    sent: list[str] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+
+    await inbox.put({"type": "lifespan.startup"})
+    async with engine.connect() as conn:  # a pooled connection, idle when the lifespan is cancelled
+        await conn.execute(text("SELECT 1"))
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, send)
+    # Bare, Starlette's router answers its own cancellation with shutdown.failed; wrapped, the router's lifespan is
+    # cancelled by the middleware's closing, and what it says then stays inside (nobody asked for a shutdown).
+    assert (
+        sent == ["lifespan.startup.complete"] if wrapped else ["lifespan.startup.complete", "lifespan.shutdown.failed"]
+    )
+    if not wrapped:  # the control: nothing closed the pooled connection
+        assert await backends(database_url, name) == 1
+        await engine.dispose()
+        return
+    assert await backends(database_url, name) == 0
+    assert app.lifecycle.state == "stopped"
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://t") as client,
+    ):
+        assert (await client.get("/n")).json() == {"n": 7}
+
+
 # -- 5-6: requests with no lifespan running ------------------------------------------------------------------------
 def six_requests_without_lifespan(app: Any) -> list[int | str]:
     """FastAPI's tutorial style: ``TestClient(app)`` without ``with``, each request on a new event loop."""

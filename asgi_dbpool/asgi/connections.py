@@ -196,7 +196,8 @@ SERVER_SIDE = (
 
 def cancelled_by_server() -> bool:
     """A request's cancellation, when no stop was heard (hypercorn's worker hears no signal: its master tells it
-    through a shared event), is the server's when nothing above the middleware in the task is anyone else's code:
+    through a shared event), or the running lifespan's, is the server's when nothing above the middleware in the
+    task is anyone else's code:
     a timeout, a task group or an outer middleware of the app's or a test's is in a frame of theirs, and it is
     theirs to handle. Read only on a cancellation: a walk of the caller's frames."""
     frame: FrameType | None = sys._getframe(2)  # the middleware's caller

@@ -320,8 +320,9 @@ class DBPoolMiddleware:
         wrapped app raised, or our own one-line :class:`StartupError`.
 
         A cancellation during our startup or shutdown closes everything, then propagates. One while waiting for
-        the server's next message (uvicorn's second Ctrl+C: the server no longer waits for us) closes everything
-        and ends quietly: a server prints whatever escapes here as a traceback.
+        the server's next message closes everything too; a server's (uvicorn's second Ctrl+C, ``asyncio.run``'s
+        leftovers: the server no longer waits for us) then ends quietly, since a server prints whatever escapes
+        here as a traceback, and anyone else's (a test's timeout, a task group) propagates, as bare.
         """
         state = scope.get("state")
         if state is not None:
@@ -332,7 +333,9 @@ class DBPoolMiddleware:
             try:
                 message = await receive()
             except asyncio.CancelledError:
-                return await self._forced_exit()
+                if await self._forced_exit(cancelled_by_server()):
+                    return
+                raise
             if message["type"] != "lifespan.startup":  # pragma: no cover - a server bug
                 raise RuntimeError(f"expected lifespan.startup, got {message['type']!r}.")
             try:
@@ -354,7 +357,9 @@ class DBPoolMiddleware:
             try:
                 message = await receive()
             except asyncio.CancelledError:
-                return await self._forced_exit()
+                if await self._forced_exit(cancelled_by_server()):
+                    return
+                raise
             if message["type"] != "lifespan.shutdown":  # pragma: no cover - a server bug
                 logger.warning("expected lifespan.shutdown, got %r; shutting down anyway", message["type"])
             try:
@@ -374,9 +379,12 @@ class DBPoolMiddleware:
             # The conversation is over, answered or cut: a SIGTERM held meanwhile may end the process now.
             lifecycle.release_termination()
 
-    async def _forced_exit(self) -> None:
-        """Cancelled while waiting for the server (its forced exit): close everything, end quietly."""
+    async def _forced_exit(self, by_server: bool) -> bool:
+        """Cancelled while waiting for the server's next message: close everything; whether to end quietly (the
+        server's own cancellation, its forced exit) rather than propagate the cancellation."""
         await self.lifecycle.close_after_cancel()
         task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
+        if not by_server or task is None:
+            return False
+        task.uncancel()
+        return True
