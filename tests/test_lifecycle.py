@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from sqlalchemy import text
@@ -120,6 +121,46 @@ async def test_a_cancelled_startup_closes_what_it_opened(make_engine: Callable[.
     assert our_tasks() == []
     assert engine.pool.checkedin() == 0
     assert app.lifecycle.state == "stopped"
+
+
+async def test_a_cancelled_startup_leaves_no_backend_and_can_start_again(
+    make_engine: Callable[..., AsyncEngine], database_url: str
+) -> None:
+    """The same cancellation with the app's startup holding a connection of its own (and ours pooled from the
+    startup check): no backend is left, and the app starts and serves again with the same middleware."""
+    engine = make_engine()
+    runs: list[int] = []
+    in_startup = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        runs.append(len(runs))
+        if runs == [0]:  # the first run's startup only: it hangs in a query
+            async with engine.connect() as conn:
+                in_startup.set()
+                await conn.execute(text("SELECT pg_sleep(30)"))
+        yield
+
+    async def hello(request: Request) -> PlainTextResponse:
+        async with engine.connect() as conn:
+            return PlainTextResponse(str((await conn.execute(text("SELECT 7"))).scalar_one()))
+
+    app = DBPoolMiddleware(Starlette(routes=[Route("/", hello)], lifespan=lifespan), engine)
+    driver = LifespanDriver(app)
+    asking = asyncio.ensure_future(driver.startup())
+    await in_startup.wait()
+    assert driver.task is not None
+    driver.task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await driver.task
+    asking.cancel()
+    assert (our_tasks(), app.lifecycle.state) == ([], "stopped")
+    assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            assert (await client.get("/")).text == "7"
+    assert runs == [0, 1]
 
 
 async def test_one_app_starting_does_not_clear_another_apps_shutdown(make_engine: Callable[..., AsyncEngine]) -> None:
