@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 import warnings
@@ -12,6 +13,7 @@ import pytest
 
 from asgi_dbpool import ShutdownNoiseFilter, is_shutting_down, mark_shutting_down, shutdown_tolerant
 from asgi_dbpool.lifecycle import log_filter as _logfilter
+from asgi_dbpool.lifecycle import shutdown_flag
 from asgi_dbpool.lifecycle.shutdown_flag import clear_shutting_down
 from asgi_dbpool.pool.tracker import PoolClosedError
 
@@ -95,6 +97,28 @@ def test_flag_lifecycle() -> None:
     assert is_shutting_down() is False
     mark_shutting_down()
     assert is_shutting_down() is True
+    clear_shutting_down()
+
+
+def test_the_flag_holds_apps_weakly() -> None:
+    """An app dropped in the middle of its shutdown (a test that let it go) no longer holds the process-wide flag:
+    the flag keeps each app's lifecycle weakly, not its id(), which a later object may reuse."""
+
+    class App:  # stands for a Lifecycle: the flag only needs a weakly referenceable key
+        pass
+
+    clear_shutting_down()
+    first, second = App(), App()
+    shutdown_flag.app_started(first)
+    shutdown_flag.app_started(second)
+    shutdown_flag.app_stopping(first)
+    assert is_shutting_down() is True
+    del first
+    gc.collect()
+    assert is_shutting_down() is False  # the other app still runs: no leftover judged by a finished shutdown
+    shutdown_flag.app_stopping(second)
+    shutdown_flag.app_stopped(second)
+    assert is_shutting_down() is True  # the last running app has shut down
     clear_shutting_down()
 
 
