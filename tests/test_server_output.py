@@ -96,3 +96,29 @@ def test_a_failed_startup_prints_what_it_printed(server: str, database_url: str)
 def test_a_failed_app_shutdown_prints_what_it_printed(server: str, database_url: str) -> None:
     code, output = serve(server, "shutdown_raises", database_url, stop_after=1.5)
     assert figures(output, "flush failed", code) == BEFORE_SHUTDOWN[server], output
+
+
+# The controls: the same apps without the middleware (tests.apps.lifespan_failures' bare_* twins).
+# The app's shutdown raises: as wrapped, but hypercorn prints one traceback more (the message twice more).
+BARE_SHUTDOWN = {
+    "uvicorn-auto": (0, 2, 1, 0),
+    "uvicorn-on": (0, 2, 1, 0),
+    "hypercorn": (0, 4, 3, 0),
+    "granian": (0, 2, 1, 0),
+}
+# The database is down: the driver's error as a traceback (wrapped: the one line instead), the same exit status.
+BARE_STARTUP_TRACEBACKS = {"uvicorn-auto": 1, "uvicorn-on": 1, "hypercorn": 3, "granian": 2}
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_the_control_a_bare_app_whose_shutdown_raises(server: str, database_url: str) -> None:
+    code, output = serve(server, "bare_shutdown_raises", database_url, stop_after=1.5)
+    assert figures(output, "flush failed", code) == BARE_SHUTDOWN[server], output
+
+
+@pytest.mark.parametrize("server", SERVERS)
+def test_the_control_a_bare_app_whose_database_is_down(server: str, database_url: str) -> None:
+    code, output = serve(server, "bare_unreachable", database_url, stop_after=None)
+    assert ONE_LINE not in output
+    assert (code, tracebacks(output)) == (BEFORE_STARTUP[server][0], BARE_STARTUP_TRACEBACKS[server]), output
+    assert "ConnectionRefusedError" in output, output
