@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL
+from sqlalchemy.pool import Pool
 
 from .parse import ConfigError, mask_url
 
@@ -27,6 +28,15 @@ def check_url(url: URL, where: str) -> None:
             f"{where}={mask_url(url)!r} is an in-memory SQLite database, which lives in one connection and has no "
             "pool to size; use a file: sqlite+aiosqlite:///path/app.db."
         )
+
+
+def default_pool_class(url: URL, is_async: bool) -> type[Pool]:
+    """The pool class SQLAlchemy's ``create_engine``/``create_async_engine`` would choose for ``url`` (what a
+    tracked ``poolclass=`` subclasses): the dialect's own answer, through the public dialect interface."""
+    dialect_cls = url.get_dialect()
+    if is_async:
+        dialect_cls = dialect_cls.get_async_dialect_cls(url)  # psycopg: one name, a sync and an async dialect
+    return dialect_cls().get_dialect_pool_class(url)
 
 
 def check_engine(engine: Any, name: str) -> None:

@@ -8,11 +8,12 @@ import os
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.engine import URL, make_url
 
-from .drivers import SUPPORTED, check_url, mysql_query_timeout, query_timeout_options
+from ..pool.tracker import PoolTracker
+from .drivers import SUPPORTED, check_url, default_pool_class, mysql_query_timeout, query_timeout_options
 from .options import DEFAULT_STATS_PATH, MiddlewareOptions, Options
 from .parse import (
     ASYNC_DRIVERS,
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger("asgi_dbpool")
+
+_E = TypeVar("_E", bound="Engine | AsyncEngine")
 
 
 #: The PgBouncer pooling mode of engines built by ``PoolSettings.create_async_engine`` with ``pgbouncer`` set.
@@ -253,7 +256,8 @@ class PoolSettings:
             connect_args.setdefault("prepared_statement_name_func", _unique_statement_name)
         elif self.pgbouncer == "transaction":
             connect_args.setdefault("prepare_threshold", None)  # psycopg's server-side prepared statements: off
-        engine = create_async_engine(target, **{**self.engine_options(), "connect_args": connect_args, **kwargs})
+        options = {**self.engine_options(), "connect_args": connect_args, **kwargs}
+        engine = _build_tracked(create_async_engine, target, True, options)
         if target.get_backend_name() == "mysql":
             mysql_query_timeout(engine.sync_engine, self.query_timeout)
         if self.pgbouncer is not None:
@@ -275,4 +279,17 @@ class PoolSettings:
         connect_args: dict[str, Any] = dict(kwargs.pop("connect_args", {}))
         if self.query_timeout and target.get_backend_name() == "postgresql" and target.get_driver_name() in LIBPQ:
             connect_args.setdefault("options", f"-c statement_timeout={int(self.query_timeout * 1000)}")
-        return create_engine(target, **{**self.engine_options(), "connect_args": connect_args, **kwargs})
+        options = {**self.engine_options(), "connect_args": connect_args, **kwargs}
+        return _build_tracked(create_engine, target, False, options)
+
+
+def _build_tracked(create: Callable[..., _E], url: URL, is_async: bool, options: dict[str, Any]) -> _E:
+    """``create(url, **options)`` with a tracked ``poolclass=``: the engine's pools report to its tracker from the
+    first on (the middleware finds that tracker and names it). A ``pool=`` the caller built is left as it is."""
+    if "pool" in options:
+        return create(url, **options)
+    tracker = PoolTracker(None, "default")
+    base = options.pop("poolclass", None) or default_pool_class(url, is_async)
+    engine = create(url, poolclass=tracker.pool_class(base), **options)
+    tracker.attach(engine)
+    return engine

@@ -27,9 +27,12 @@ def tracker_for(engine: Engine | AsyncEngine, name: str) -> PoolTracker:
     tracker = known() if known is not None else None
     if tracker is None:
         # An engine sharing a tracked pool (engine.execution_options(...)) shares its tracker: the pool reports to one.
+        # An engine built with poolclass=tracker.pool_class(...) (PoolSettings) has its tracker, still unnamed.
         tracker = cast("PoolTracker | None", tracker_of(sync_engine.pool))
         if tracker is None:
             tracker = PoolTracker(engine, name)
+        elif not tracker.named:
+            tracker.rename(name)
         _registry[sync_engine] = weakref.ref(tracker)
     elif tracker.async_engine is None and isinstance(engine, AsyncEngine):
         tracker.async_engine = engine

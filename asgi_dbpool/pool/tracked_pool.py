@@ -10,8 +10,8 @@ closures over the tracker and the base class's methods: a closure variable is th
 (a class attribute read through ``self`` is a full lookup in Python 3.11). A ``checkout``/``checkin`` event
 listener would instead add SQLAlchemy's event dispatch to every checkout.
 
-When the tracker is made (for engines built by ``PoolSettings.create_async_engine()`` and by the user alike),
-a pool that holds no connection is replaced by a fresh pool of the tracked subclass, as ``engine.dispose()``
+Engines built by ``PoolSettings`` are built on the tracked class (``poolclass=``, see :func:`tracked_class`).
+For an engine built by the user, when its tracker is made, a pool that holds no connection is replaced by a fresh pool of the tracked subclass, as ``engine.dispose()``
 does (``Pool.recreate()`` builds the next pool from ``self.__class__``: the tracking survives disposal). A pool
 that already holds connections keeps them and its class: its checkouts are followed through pool events
 (see :func:`_follow_with_events` for what they do not show). No live pool is changed.
@@ -79,7 +79,24 @@ def track(engine: Engine, tracker: Tracker) -> None:
     pool: Any = engine.pool
     base = type(pool)
     if issubclass(base, TrackedPool) or pool in _FOLLOWED:
+        return  # built with poolclass=tracked_class(...), or already followed
+    tracked = tracked_class(base, tracker)
+    if _holds_no_connection(pool):
+        # As engine.dispose() does, the pool's own recreate() builds its successor with the same creation arguments
+        # (engines sharing the pool read it from this one); called on a view whose class is the tracked one, the
+        # live pool is only read. Its creator is wrapped by the tracked class's _should_wrap_creator as it is set.
+        engine.pool = base.recreate(_AsTracked(pool, tracked))
         return
+    # A pool that holds connections (opened before the middleware was made; a StaticPool's one connection may be a
+    # whole in-memory database) keeps them and its class: its checkouts are followed through pool events.
+    _follow_with_events(engine, pool, tracker)
+
+
+def tracked_class(base: type[Pool], tracker: Tracker) -> type[Pool]:
+    """The subclass of the pool class ``base`` whose pools report to ``tracker``: what ``poolclass=`` takes for an
+    engine not built yet (``PoolSettings.create_async_engine``), and what :func:`track` replaces an empty pool with."""
+    if issubclass(base, TrackedPool):
+        raise TypeError(f"{base!r} is a tracked pool class already; pass the engine's own pool class.")
     do_get, do_return_conn = _tracking(tracker, base._do_get, base._do_return_conn)
     namespace = {
         "asgi_dbpool_tracker": tracker,
@@ -93,16 +110,7 @@ def track(engine: Engine, tracker: Tracker) -> None:
         # and newest SQLAlchemy (test_tracked_pool).
         "_sqla_logger_namespace": getattr(base, "_sqla_logger_namespace", None) or f"{base.__module__}.{base.__name__}",
     }
-    tracked = type(f"Tracked{base.__name__}", (TrackedPool, base), namespace)
-    if _holds_no_connection(pool):
-        # As engine.dispose() does, the pool's own recreate() builds its successor with the same creation arguments
-        # (engines sharing the pool read it from this one); called on a view whose class is the tracked one, the
-        # live pool is only read. Its creator is wrapped by the tracked class's _should_wrap_creator as it is set.
-        engine.pool = base.recreate(_AsTracked(pool, tracked))
-        return
-    # A pool that holds connections (opened before the middleware was made; a StaticPool's one connection may be a
-    # whole in-memory database) keeps them and its class: its checkouts are followed through pool events.
-    _follow_with_events(engine, pool, tracker)
+    return type(f"Tracked{base.__name__}", (TrackedPool, base), namespace)
 
 
 class _AsTracked:

@@ -18,11 +18,11 @@ from .acquire import Acquisition, PoolClosedError, PoolOverloadedError
 from .checkout import Checkout, Held, get_current_request
 from .dialects import abort_if_closing, wait_closed
 from .histogram import Histogram
-from .tracked_pool import track
+from .tracked_pool import track, tracked_class
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
-    from sqlalchemy.pool import ConnectionPoolEntry
+    from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
 __all__ = ["PoolClosedError", "PoolOverloadedError", "PoolTracker"]
 
@@ -38,12 +38,13 @@ class PoolTracker:
     :class:`Acquisition` (see :mod:`.acquire`).
     """
 
-    def __init__(self, engine: Engine | AsyncEngine, name: str) -> None:
+    def __init__(self, engine: Engine | AsyncEngine | None, name: str) -> None:
+        """``engine=None``: a tracker for an engine not built yet, whose ``poolclass=`` is :meth:`pool_class`; the
+        engine is given by :meth:`attach` and the name by the first middleware (see ``registry.tracker_for``)."""
         self.async_engine: AsyncEngine | None = None
-        if isinstance(engine, AsyncEngine):
-            self.async_engine, engine = engine, engine.sync_engine
-        self.engine: Engine = engine
+        self.engine: Engine
         self.name = name
+        self.named = engine is not None
         # What the pool notes per checkout (see TrackedPool), by id() of the pool entry; read via checkouts.
         self.held: dict[int, Held] = {}
         self.reported: set[int] = set()  # ids of the entries a leak WARNING named
@@ -62,10 +63,28 @@ class PoolTracker:
         self._reclaiming: set[int] = set()
         # Every pool entry that opened a connection (idle or checked out): closing at shutdown reaches them all.
         self._entries: weakref.WeakSet[ConnectionPoolEntry] = weakref.WeakSet()
+        self.pool_size_now = 0
+        if engine is not None:
+            self.attach(engine)
+
+    def pool_class(self, base: type[Pool]) -> type[Pool]:
+        """The ``poolclass=`` of an engine this tracker follows from its first pool on: a subclass of ``base``."""
+        return tracked_class(base, self)
+
+    def attach(self, engine: Engine | AsyncEngine) -> None:
+        """Follow ``engine`` (once): its pool reports here from now on (see :mod:`.tracked_pool`)."""
+        if isinstance(engine, AsyncEngine):
+            self.async_engine, engine = engine, engine.sync_engine
+        self.engine = engine
         self.pool_size_now = self.pool_size()  # the same for every pool engine.dispose() makes
         track(engine, self)  # checkouts and checkins reach checked_out / checked_in (see tracked_pool)
         event.listen(engine, "detach", self._on_detach)
         event.listen(engine, "invalidate", self._on_invalidate)
+
+    def rename(self, name: str) -> None:
+        """The name the first middleware gives an engine built before it (see ``registry.tracker_for``)."""
+        self.name = self.acquisition.name = name
+        self.named = True
 
     # -- checkouts and checkins (noted by the pool itself, see _pool.TrackedPool) ------------------
     @property

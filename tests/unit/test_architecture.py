@@ -16,7 +16,7 @@ PACKAGE = Path(asgi_dbpool.__file__).resolve().parent
 
 #: The layers, lowest first: a module may import modules of its own layer and of the layers before it. Each
 #: subpackage is the layer of its name; the top-level modules are placed in TOP_LEVEL.
-LAYERS = ("base", "config", "pool", "observe", "lifecycle", "asgi", "public")
+LAYERS = ("base", "pool", "config", "observe", "lifecycle", "asgi", "public")
 #: The modules at the package's top level: the version is read by every layer; the rest is the public surface.
 TOP_LEVEL = {
     "asgi_dbpool._version": "base",
