@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from greenlet import getcurrent
 
 if TYPE_CHECKING:
-    from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+    from sqlalchemy.pool import ConnectionPoolEntry
 
 # Frames from these places are not "the code that checked the connection out".
 _INTERNAL_PARTS = (
@@ -189,17 +189,6 @@ class Checkout:
         if self.stack_frames is None:
             return None
         return [f"{code.co_filename}:{line_of(code, offset)} in {code.co_name}" for code, offset in self.stack_frames]
-
-    def proxy(self) -> PoolProxiedConnection | None:
-        """The connection as its holder sees it (SQLAlchemy's checkout made it, after the pool gave the record).
-
-        ``fairy_ref`` is private to SQLAlchemy (a weak reference from the pool entry to the proxy checked out of it,
-        on 2.0.44 and 2.1.9 alike; its callback changed between them, which is not used here). No public route
-        leads from an entry to its proxy but a ``checkout`` event listener, which would put SQLAlchemy's event
-        dispatch on every checkout. The leak reclaim tests run on both versions.
-        """
-        fairy_ref = getattr(self.record, "fairy_ref", None)
-        return fairy_ref() if fairy_ref is not None else None
 
     def is_leak(self, current: asyncio.Task[Any] | None) -> bool:
         """True when nobody is working with this connection any more (its holder moved on or ended).

@@ -11,10 +11,11 @@ closures over the tracker and the base class's methods: a closure variable is th
 listener would instead add SQLAlchemy's event dispatch to every checkout.
 
 Engines built by ``PoolSettings`` are built on the tracked class (``poolclass=``, see :func:`tracked_class`).
-For an engine built by the user, when its tracker is made, a pool that holds no connection is replaced by a fresh pool of the tracked subclass, as ``engine.dispose()``
-does (``Pool.recreate()`` builds the next pool from ``self.__class__``: the tracking survives disposal). A pool
-that already holds connections keeps them and its class: its checkouts are followed through pool events
-(see :func:`_follow_with_events` for what they do not show). No live pool is changed.
+For an engine built by the user, when its tracker is made, a pool that holds no connection is replaced by a fresh
+pool of the tracked subclass, as ``engine.dispose()`` does (``Pool.recreate()`` builds the next pool from
+``self.__class__``: the tracking survives disposal). A pool that already holds connections keeps them and its class:
+its checkouts are followed through pool events (see :func:`_follow_with_events` for what they do not show). No
+live pool is changed.
 """
 
 from __future__ import annotations

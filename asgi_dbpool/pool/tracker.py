@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 import weakref
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
 from ..base.records import fields
@@ -27,6 +29,27 @@ if TYPE_CHECKING:
 __all__ = ["PoolClosedError", "PoolOverloadedError", "PoolTracker"]
 
 logger = logging.getLogger("asgi_dbpool")
+
+
+def proxies_of(records: list[ConnectionPoolEntry]) -> dict[int, PoolProxiedConnection]:
+    """The connection each checked-out pool entry in ``records`` was handed out as (its holder's proxy), by ``id()``
+    of the entry, for those that still have one.
+
+    SQLAlchemy's public API leads from a proxy to its entry, not back (the way back is the entry's private
+    ``fairy_ref``, whose semantics changed from 2.0 to 2.1); a ``checkout`` event listener would note it, but at the
+    cost of SQLAlchemy's event dispatch on every checkout. So the proxies are found among the objects that refer to
+    the entries: one walk of the garbage collector's objects, only when leaked connections are closed (the shutdown,
+    or the end of requests served without a lifespan), for all of an engine's leaks at once. A proxy checked back
+    in has dropped its entry; one that is no longer valid was handed back by SQLAlchemy itself.
+    """
+    by_connection = {id(record.dbapi_connection): id(record) for record in records if record.dbapi_connection}
+    found: dict[int, PoolProxiedConnection] = {}
+    for referrer in gc.get_referrers(*records):
+        if isinstance(referrer, PoolProxiedConnection) and referrer.is_valid and not referrer.is_detached:
+            key = by_connection.get(id(referrer.dbapi_connection))
+            if key is not None:
+                found[key] = referrer
+    return found
 
 
 class PoolTracker:
@@ -227,11 +250,11 @@ class PoolTracker:
                 text,
                 extra=fields("reclaim", self.name, site=leak.site),
             )
-        await asyncio.gather(*(self._invalidate(leak) for leak in leaks))
+        proxies = proxies_of([leak.record for leak in leaks]) if leaks else {}
+        await asyncio.gather(*(self._invalidate(leak, proxies.get(id(leak.record))) for leak in leaks))
         return reports
 
-    async def _invalidate(self, leak: Checkout) -> None:
-        proxy = leak.proxy()
+    async def _invalidate(self, leak: Checkout, proxy: PoolProxiedConnection | None) -> None:
         key = id(leak.record)
         self._reclaiming.add(key)
         try:
