@@ -96,6 +96,20 @@ async def test_any_exception_in_our_startup_answers_failed_once_and_closes_every
     ]
 
 
+async def cancel_during_startup(app: DBPoolMiddleware, in_startup: asyncio.Event) -> LifespanDriver:
+    """Start ``app``'s lifespan as a server would, cancel its task once ``in_startup`` is set, and check that the
+    cancellation propagates out of it."""
+    driver = LifespanDriver(app)
+    asking = asyncio.ensure_future(driver.startup())
+    await in_startup.wait()
+    assert driver.task is not None
+    driver.task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await driver.task
+    asking.cancel()
+    return driver
+
+
 async def test_a_cancelled_startup_closes_what_it_opened(make_engine: Callable[..., AsyncEngine]) -> None:
     """A server cancelling the lifespan during the app's own startup: everything closed, then the cancellation
     propagates (asgi-lifespan's startup_timeout, a task group); the app can start again."""
@@ -109,14 +123,7 @@ async def test_a_cancelled_startup_closes_what_it_opened(make_engine: Callable[.
         yield  # pragma: no cover
 
     app = DBPoolMiddleware(Starlette(lifespan=lifespan), engine, leak_threshold=30)
-    driver = LifespanDriver(app)
-    asking = asyncio.ensure_future(driver.startup())
-    await in_startup.wait()
-    assert driver.task is not None
-    driver.task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await driver.task
-    asking.cancel()
+    driver = await cancel_during_startup(app, in_startup)
     assert driver.types() == []  # the server asked for the cancellation: no answer is owed
     assert our_tasks() == []
     assert engine.pool.checkedin() == 0
@@ -146,14 +153,7 @@ async def test_a_cancelled_startup_leaves_no_backend_and_can_start_again(
             return PlainTextResponse(str((await conn.execute(text("SELECT 7"))).scalar_one()))
 
     app = DBPoolMiddleware(Starlette(routes=[Route("/", hello)], lifespan=lifespan), engine)
-    driver = LifespanDriver(app)
-    asking = asyncio.ensure_future(driver.startup())
-    await in_startup.wait()
-    assert driver.task is not None
-    driver.task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await driver.task
-    asking.cancel()
+    await cancel_during_startup(app, in_startup)
     assert (our_tasks(), app.lifecycle.state) == ([], "stopped")
     assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
     async with LifespanManager(app) as manager:
