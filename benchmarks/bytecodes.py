@@ -22,13 +22,14 @@ from types import FrameType
 from typing import Any
 
 from .instructions import ROOT, WARMUP, WORKLOADS, child_env, workload_operation
+from .processes import free_port
 
 OPERATIONS = 50
 #: workload -> its variants, the baseline first: the instruction benchmark's in-process workloads, without the
 #: floors and the forwarding wrapper (they run none of the middleware's functions, or not its own way).
 VARIANTS = {
     workload: tuple(v for v in WORKLOADS[workload][0] if not v.startswith("floor:") and v != "forwarding wrapper")
-    for workload in ("trivial", "checkout", "query")
+    for workload in ("trivial", "checkout", "query", "served")
 }
 _OWN = str(ROOT / "asgi_dbpool")
 
@@ -84,6 +85,71 @@ async def _child(workload: str, variant: str) -> dict[str, Any]:
     }
 
 
+def _served_child(variant: str) -> dict[str, Any]:
+    """The served workload's count: the instruction benchmark's served app under a real uvicorn in this process,
+    ``GET /q`` over one keep-alive connection from a thread; the event loop's thread is traced. (The bytecodes of
+    the event loop's turns move by a few tens between runs: how many turns a request takes depends on timing.)"""
+    import http.client
+    import threading
+    import time
+
+    import uvicorn
+    from starlette.applications import Starlette
+
+    from . import apps
+    from .instructions import _wrap
+
+    app = _wrap(variant, Starlette(routes=apps.routes), apps.engine)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    loop = asyncio.new_event_loop()
+    tally = _Tally()
+    counted: dict[str, Any] = {}
+    failed: list[BaseException] = []
+
+    def start_tracing() -> None:
+        sys._getframe().f_trace_opcodes = True  # (see _child)
+        sys.settrace(tally.trace)
+
+    def drive() -> None:
+        try:
+            while not server.started:
+                time.sleep(0.01)
+            connection = http.client.HTTPConnection("127.0.0.1", server.config.port, timeout=30)
+
+            def get() -> None:
+                connection.request("GET", "/q")
+                response = connection.getresponse()
+                if (response.status, response.read()) != (200, b"1"):
+                    raise RuntimeError(f"GET /q answered {response.status}")
+
+            for _ in range(WARMUP):
+                get()
+            loop.call_soon_threadsafe(start_tracing)
+            for _ in range(5):  # the frames running when tracing began are traced once resumed (see _child)
+                get()
+            tally.reset()
+            for _ in range(OPERATIONS):
+                get()
+            counted.update(bytecodes=tally.bytecodes, frames=tally.frames, own=dict(tally.own))
+            loop.call_soon_threadsafe(sys.settrace, None)
+            connection.close()
+        except BaseException as exc:  # the server stops either way; the parent sees the error
+            failed.append(exc)
+        finally:
+            server.should_exit = True
+
+    threading.Thread(target=drive, daemon=True).start()
+    loop.run_until_complete(server.serve())
+    loop.close()
+    if failed:
+        raise failed[0]
+    return {
+        "bytecodes": counted["bytecodes"] / OPERATIONS,
+        "frames": counted["frames"] / OPERATIONS,
+        "own": {name: count / OPERATIONS for name, count in Counter(counted["own"]).most_common()},
+    }
+
+
 def bench_bytecodes(url: str, smoke: bool = False) -> str:
     """A table: bytecodes and frames entered per operation, beside the baseline's, and the middleware's own
     functions with the bytecodes each executes per operation."""
@@ -123,7 +189,8 @@ def bench_bytecodes(url: str, smoke: bool = False) -> str:
 
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[0] == "child":
-        print(json.dumps(asyncio.run(_child(argv[1], argv[2]))))
+        counts = _served_child(argv[2]) if argv[1] == "served" else asyncio.run(_child(argv[1], argv[2]))
+        print(json.dumps(counts))
         return 0
     print(__doc__)
     return 2

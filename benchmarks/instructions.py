@@ -114,6 +114,8 @@ TARGETS = {
 #: each layout (the variants' own names, in ``argv``, still differ).
 LAYOUTS = 5
 LAYOUT_STEP = 997
+#: Layout ``n`` also hands out ``n`` times this many type version tags first (see ``benchmarks._shift_type_versions``).
+TYPE_SHIFT_STEP = 331
 #: The served workload: how long wrk warms the server up, then drives it between the two checkpoints (under
 #: callgrind a server answers some tens of requests a second: enough for a few hundred requests).
 SERVED_WARMUP, SERVED_SECONDS = 5, 12
@@ -288,6 +290,7 @@ def child_env(url: str, layout: int) -> dict[str, str]:
         "PYTHONHASHSEED": str(layout),
         "PYTHONPATH": str(ROOT),
         "BENCH_LAYOUT": "x" * (layout * LAYOUT_STEP),
+        "BENCH_TYPE_SHIFT": str(layout * TYPE_SHIFT_STEP),
     }
 
 

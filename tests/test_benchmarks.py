@@ -58,3 +58,26 @@ def test_bytecode_counts_are_exact_whatever_the_layout(database_url: str) -> Non
     assert plain["own"] == {}
     # Those four, and asyncio.current_task, a Python function before 3.12.
     assert round(wrapped["frames"] - plain["frames"], 6) == (5 if sys.version_info < (3, 12) else 4)
+
+
+def test_served_bytecodes_count_the_middleware_in_a_real_server(database_url: str) -> None:
+    """The served workload's trace runs uvicorn in the child and counts the event loop's thread: per request, the
+    pool's and the send hook's functions run exactly what they run for the same request in process; the bare app
+    runs none of ours."""
+    from benchmarks.instructions import child_env
+
+    def count(workload: str, variant: str) -> dict[str, Any]:
+        command = [sys.executable, "-m", "benchmarks.bytecodes", "child", workload, variant]
+        env = child_env(database_url, 0)
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
+        figures: dict[str, Any] = json.loads(done.stdout)
+        return figures
+
+    bare, served = count("served", "bare"), count("served", "DBPoolMiddleware")
+    in_process = count("query", "DBPoolMiddleware")["own"]
+    assert bare["own"] == {}
+    same = ("tracked_pool._do_get", "tracked_pool._do_return_conn", "request.send", "checkout.checkout_frames")
+    assert {name: served["own"][name] for name in same} == {name: in_process[name] for name in same}
+    # The middleware's call itself: within a bytecode of the in-process one (the scopes differ: a server's has more).
+    assert abs(served["own"]["middleware.__call__"] - in_process["middleware.__call__"]) <= 1
+    assert 0 < served["bytecodes"] - bare["bytecodes"] < 2 * sum(in_process.values())
