@@ -207,6 +207,9 @@ class PoolTracker:
 
     def max_connections(self) -> int:
         pool: Any = self.engine.pool
+        # QueuePool has no public accessor for max_overflow (size(), overflow() and timeout() are public); the
+        # private attribute is the same on 2.0.44 and 2.1.9, where the connection budget tests run. Absent on other
+        # pool classes, which open no overflow connections.
         return self.pool_size() + max(int(getattr(pool, "_max_overflow", 0)), 0)
 
     # -- reading -----------------------------------------------------------------------------
