@@ -34,27 +34,29 @@ def test_benchmarks_smoke(database_url: str, tmp_path: Path) -> None:
     assert not (tmp_path / "r.md").exists()  # a smoke run is not a measurement: RESULTS.md is not written
 
 
+def traced(database_url: str, workload: str, variant: str, layout: int = 0) -> dict[str, Any]:
+    """The bytecode benchmark's child for (``workload``, ``variant``) in memory layout ``layout``: its counts."""
+    from benchmarks.instructions import child_env
+
+    command = [sys.executable, "-m", "benchmarks.bytecodes", "child", workload, variant]
+    env = child_env(database_url, layout)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
+    figures: dict[str, Any] = json.loads(done.stdout)
+    return figures
+
+
 def test_bytecode_counts_are_exact_whatever_the_layout(database_url: str) -> None:
     """The traced counts name the middleware's functions and do not move with the hash seed and the environment,
     which move the instruction counts (the reason the bytecode table exists); the plain engine runs none of ours."""
-    from benchmarks.instructions import child_env
-
-    def count(variant: str, layout: int) -> dict[str, Any]:
-        env = child_env(database_url, layout)
-        command = [sys.executable, "-m", "benchmarks.bytecodes", "child", "checkout", variant]
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
-        figures: dict[str, Any] = json.loads(done.stdout)
-        return figures
-
-    wrapped = count("DBPoolMiddleware", 0)
-    assert count("DBPoolMiddleware", 3) == wrapped
+    wrapped = traced(database_url, "checkout", "DBPoolMiddleware")
+    assert traced(database_url, "checkout", "DBPoolMiddleware", layout=3) == wrapped
     assert set(wrapped["own"]) == {
         "checkout._user_frames",
         "tracked_pool._do_get",
         "tracked_pool._do_return_conn",
         "checkout.checkout_frames",
     }
-    plain = count("plain engine", 0)
+    plain = traced(database_url, "checkout", "plain engine")
     assert plain["own"] == {}
     # Those four, and asyncio.current_task, a Python function before 3.12.
     assert round(wrapped["frames"] - plain["frames"], 6) == (5 if sys.version_info < (3, 12) else 4)
@@ -64,17 +66,8 @@ def test_served_bytecodes_count_the_middleware_in_a_real_server(database_url: st
     """The served workload's trace runs uvicorn in the child and counts the event loop's thread: per request, the
     pool's and the send hook's functions run exactly what they run for the same request in process; the bare app
     runs none of ours."""
-    from benchmarks.instructions import child_env
-
-    def count(workload: str, variant: str) -> dict[str, Any]:
-        command = [sys.executable, "-m", "benchmarks.bytecodes", "child", workload, variant]
-        env = child_env(database_url, 0)
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
-        figures: dict[str, Any] = json.loads(done.stdout)
-        return figures
-
-    bare, served = count("served", "bare"), count("served", "DBPoolMiddleware")
-    in_process = count("query", "DBPoolMiddleware")["own"]
+    bare, served = traced(database_url, "served", "bare"), traced(database_url, "served", "DBPoolMiddleware")
+    in_process = traced(database_url, "query", "DBPoolMiddleware")["own"]
     assert bare["own"] == {}
     same = ("tracked_pool._do_get", "tracked_pool._do_return_conn", "request.send", "checkout.checkout_frames")
     assert {name: served["own"][name] for name in same} == {name: in_process[name] for name in same}
