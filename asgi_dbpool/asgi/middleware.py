@@ -231,12 +231,18 @@ class DBPoolMiddleware:
             # A counter and the request in flight, which is also the app's send.
             connections = lifecycle.connections
             connections.http_in_flight += 1
-            request = self.in_flight()  # InFlight.start, inline
+            # InFlight.start, inline. Names read into locals before a call: CPython 3.11 specialises an attribute
+            # load, not a method call on an instance attribute (a full type lookup at every request).
+            new_request = self.in_flight
+            request = new_request()
             request.scope = scope
             request.server_send = send
+            request.done = request.responded = False
+            request.holding = 0
             token = set_request(request)
+            app = self.app
             try:
-                await self.app(scope, receive, request.send)
+                await app(scope, receive, request.send)
             except asyncio.CancelledError:
                 # A server stopping cancels request tasks (its graceful-shutdown timeout ran out, a forced exit):
                 # then answer cleanly instead of a traceback and a 500 or a reset connection. Any other

@@ -15,13 +15,20 @@ class InFlight:
     an ORM commit (then a request cut off by the server may have saved its changes), the pool that could not
     give it a connection (then its error becomes a 503), and the connections it holds.
 
-    Made for every request, so it is kept to two stores (:meth:`start`): the rest starts as class attributes
-    (no ``__slots__``: an instance reads a field it never wrote from its class; the middleware's ``retry_after``
-    is one of a subclass per middleware, see :meth:`for_retry_after`); :meth:`send` is the app's ``send``.
+    Made for every request, so it is kept to five stores (:meth:`start`): the scope, the server's ``send``, and
+    the fields every request or checkout reads or writes (``done``, ``holding``, ``responded``). CPython
+    specialises the load of an attribute the instance holds, not of one it reads from its class (3.11), nor a
+    load or store of one that shadows a class attribute (3.13): each of those is a full type lookup. The rest
+    start as class attributes, read only on rarer paths (no ``__slots__``: an instance reads a field it never wrote from
+    its class; the middleware's ``retry_after`` is one of a subclass per middleware, see :meth:`for_retry_after`);
+    :meth:`send` is the app's ``send``.
     """
 
-    done = committed = responded = answered = False  # responded: the whole response went out
-    holding = 0  # connections checked out for it right now
+    # Written by start for every record (see above): never read from the class.
+    done: bool
+    holding: int  # connections checked out for it right now
+    responded: bool  # the whole response went out
+    committed = answered = False
     exhausted: Any = None  # the PoolTracker whose checkout timed out or was refused (set by exhaust)
     # Its task, noted only when it ends still holding a connection (the one thing that needs it, a leak
     # check, compares it with the holder's task): asking for the task on every request costs more.
@@ -39,10 +46,12 @@ class InFlight:
     @classmethod
     def start(cls, scope: Any, server_send: Any) -> InFlight:
         """A request in flight. (The middleware's HTTP path makes it inline: a class without ``__init__`` and
-        two stores cost half of a call to an ``__init__``.)"""
+        five stores cost less than a call to an ``__init__``.)"""
         request = cls()
         request.scope = scope
         request.server_send = server_send
+        request.done = request.responded = False
+        request.holding = 0
         return request
 
     def send(self, message: Any) -> Any:
@@ -50,7 +59,8 @@ class InFlight:
         # "in" before the lookup: a final body message usually has no "more_body" (a method call saved).
         if message["type"] == "http.response.body" and not ("more_body" in message and message["more_body"]):  # noqa: RUF019
             self.responded = True  # a commit after this one was acknowledged too early (see on_session_commit)
-        return self.server_send(message)
+        server_send = self.server_send  # an attribute load, which CPython 3.11 specialises (see start)
+        return server_send(message)
 
     def exhaust(self, tracker: Any) -> None:
         """A checkout from ``tracker``'s pool timed out or was refused: the request's error becomes a 503, and so
