@@ -81,12 +81,11 @@ def track(engine: Engine, tracker: Tracker) -> None:
     base = type(pool)
     if issubclass(base, TrackedPool) or pool in _FOLLOWED:
         return  # built with poolclass=tracked_class(...), or already followed
-    tracked = tracked_class(base, tracker)
     if _holds_no_connection(pool):
         # As engine.dispose() does, the pool's own recreate() builds its successor with the same creation arguments
         # (engines sharing the pool read it from this one); called on a view whose class is the tracked one, the
         # live pool is only read. Its creator is wrapped by the tracked class's _should_wrap_creator as it is set.
-        engine.pool = base.recreate(_AsTracked(pool, tracked))
+        engine.pool = base.recreate(_AsTracked(pool, tracked_class(base, tracker)))
         return
     # A pool that holds connections (opened before the middleware was made; a StaticPool's one connection may be a
     # whole in-memory database) keeps them and its class: its checkouts are followed through pool events.
