@@ -18,10 +18,10 @@ class InFlight:
     Made for every request, so it is kept to five stores (:meth:`start`): the scope, the server's ``send``, and
     the fields every request or checkout reads or writes (``done``, ``holding``, ``responded``). CPython
     specialises the load of an attribute the instance holds, not of one it reads from its class (3.11), nor a
-    load or store of one that shadows a class attribute (3.13): each of those is a full type lookup. The rest
-    start as class attributes, read only on rarer paths (no ``__slots__``: an instance reads a field it never wrote from
-    its class; the middleware's ``retry_after`` is one of a subclass per middleware, see :meth:`for_retry_after`);
-    :meth:`send` is the app's ``send``.
+    load or store of one that shadows a class attribute (3.12, 3.13): each of those is a full type lookup. The
+    rest start as class attributes, read only on rarer paths (no ``__slots__``: an instance reads a field it
+    never wrote from its class; the middleware's ``retry_after`` is one of a subclass per middleware, see
+    :meth:`for_retry_after`); :meth:`send` is the app's ``send``.
     """
 
     # Written by start for every record (see above): never read from the class.
