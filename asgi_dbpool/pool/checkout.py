@@ -93,7 +93,8 @@ def _user_frames(limit: int, reach: int) -> list[Frame]:
     With the asyncio engine the checkout runs in a greenlet spawned by SQLAlchemy whose frames are all
     SQLAlchemy's (or a ``run_sync`` callable's): the walk starts in the awaiting (parent) greenlet, a few
     frames below the user's ``await``. Run on every checkout: each frame walked makes Python build a frame
-    object, so the loop is kept flat and stops as early as it can.
+    object, so the walk stops as early as it can, in two flat loops: up to the first user frame (most frames
+    walked are SQLAlchemy's, each tested once), then the ``reach`` frames past it.
     """
     glet: Any = getcurrent()
     parent = glet.parent
@@ -103,40 +104,53 @@ def _user_frames(limit: int, reach: int) -> list[Frame]:
     else:
         frame = sys._getframe(1)
     cache = _internal_cache
-    found: list[Frame] = []
-    left = -1  # frames still to look at once the first user frame is found
-    while True:
-        while frame is not None:
-            code = frame.f_code
-            try:
-                internal = cache[code.co_filename]
-            except KeyError:
-                internal = _is_internal(code.co_filename)
-            if not internal:
-                found.append((code, frame.f_lasti))
-                if len(found) == limit:
-                    return found
-                if left < 0:
-                    left = reach
-            elif code is TASK_STEP:
+    while True:  # to the first user frame
+        while frame is None:  # the end of a greenlet's frames: its parent's go on
+            glet = glet.parent
+            if glet is None:
+                return []
+            frame = glet.gr_frame
+        code = frame.f_code
+        try:
+            internal = cache[code.co_filename]
+        except KeyError:
+            internal = _is_internal(code.co_filename)
+        if not internal:
+            break
+        if code is TASK_STEP:
+            return []
+        frame = frame.f_back
+    found = [(code, frame.f_lasti)]
+    left = reach if limit > 1 else 0
+    while left:  # its callers
+        left -= 1
+        frame = frame.f_back
+        while frame is None:
+            glet = glet.parent
+            if glet is None:
                 return found
-            if left == 0:
+            frame = glet.gr_frame
+        code = frame.f_code
+        try:
+            internal = cache[code.co_filename]
+        except KeyError:
+            internal = _is_internal(code.co_filename)
+        if not internal:
+            found.append((code, frame.f_lasti))
+            if len(found) == limit:
                 return found
-            left -= 1
-            frame = frame.f_back
-        glet = glet.parent
-        if glet is None:
+        elif code is TASK_STEP:
             return found
-        frame = glet.gr_frame
+    return found
 
 
-def checkout_frames(stack: bool) -> tuple[tuple[Frame, ...], tuple[Frame, ...] | None]:
+def checkout_frames(stack: bool) -> tuple[list[Frame], list[Frame] | None]:
     """The checkout site (up to :data:`SITE_FRAMES` user frames, innermost first) and, with ``stack`` (leak
     detection on), the stack (up to :data:`STACK_FRAMES`): then one walk gives both, the site being its first
-    frames."""
+    frames. Both are fresh lists that nothing changes later (a copy into a tuple would cost a call per checkout)."""
     if not stack:
-        return tuple(_user_frames(SITE_FRAMES, CALLER_REACH)), None
-    frames = tuple(_user_frames(STACK_FRAMES, STACK_REACH))
+        return _user_frames(SITE_FRAMES, CALLER_REACH), None
+    frames = _user_frames(STACK_FRAMES, STACK_REACH)
     return frames[:SITE_FRAMES], frames
 
 
@@ -160,9 +174,9 @@ def current_task() -> asyncio.Task[Any] | None:
 Held = tuple[
     "ConnectionPoolEntry",
     "asyncio.Task[Any] | None",
-    tuple[Frame, ...],
+    list[Frame],
     "Request | None",
-    "tuple[Frame, ...] | None",
+    "list[Frame] | None",
     float,
 ]
 
