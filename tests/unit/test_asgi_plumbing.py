@@ -101,6 +101,35 @@ async def test_the_request_state_carries_the_middleware_and_the_context_is_reset
         DBPoolMiddleware.current()  # reset once the lifespan ended
 
 
+async def test_the_inline_record_is_the_one_inflight_start_makes(sqlite: Callable[..., AsyncEngine]) -> None:
+    """The HTTP path makes each request's record inline (a call less per request); ``InFlight.start`` makes the
+    same record for the WebSocket path and the floors of the benchmark. The two copies must not drift: the record
+    an app sees has the class, the fields and the values ``start`` gives for the same scope and send."""
+    from asgi_dbpool.asgi.request import get_request
+
+    seen: list[tuple[Any, dict[str, Any], dict[str, Any]]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await plain(scope, receive, send)
+            return
+        inline = get_request()
+        made = wrapped.in_flight.start(scope, inline.server_send)
+        seen.append((inline, vars(inline).copy(), vars(made)))
+        await plain(scope, receive, send)
+
+    wrapped = DBPoolMiddleware(app, sqlite(), retry_after=7)
+    async with LifespanManager(wrapped), client(wrapped) as http:
+        assert (await http.get("/")).status_code == 200
+    [(inline, fields, made)] = seen
+    assert type(inline) is wrapped.in_flight
+    assert inline.retry_after == 7
+    assert fields == made
+    assert set(fields) == {"scope", "server_send", "done", "responded", "holding"}
+    assert (fields["done"], fields["responded"], fields["holding"]) == (False, False, 0)
+    assert inline.done is True  # and the request ended
+
+
 async def test_an_exhausted_pool_answers_503_with_retry_after(sqlite: Callable[..., AsyncEngine]) -> None:
     engine = sqlite(pool_size=1, max_overflow=0, pool_timeout=0.2)
     held = asyncio.Event()
