@@ -11,6 +11,7 @@ library; ``test_granian_kill_timeout_skips_the_shutdown`` pins down what happens
 
 from __future__ import annotations
 
+import ast
 import re
 import signal
 from pathlib import Path
@@ -96,9 +97,30 @@ async def check_clean(run: Run, server: str, case: str) -> None:
         unclean = []
     assert unclean == []
     assert await run.backends_left() == 0
-    # the middleware said what it did
-    assert "1 engine(s) disposed; leaks: 2 closed (see warnings above)" in output
-    assert output.count("closing a leaked connection checked out at") == 2
+    # the middleware said what it did: it closed the two sessions /leak left open and, where the server cancels every
+    # task at once (uvicorn's forced exit), the poller's connection if the exit caught it closing its session:
+    # SQLAlchemy's close task, cancelled before it ran, never checks it in (5 runs in 150 under load)
+    reclaimed = RECLAIMED.findall(output)
+    leaks = [(line, ended) for line, ended in reclaimed if line == site_of("leak")]
+    assert leaks == [(site_of("leak"), "finished")] * 2, output
+    cut = [(line, ended) for line, ended in reclaimed if line != site_of("leak")]
+    assert cut == ([(site_of("poller"), "cancelled")] * len(cut) if case == "double-sigint" else []), output
+    assert len(cut) <= 1
+    assert f"1 engine(s) disposed; leaks: {len(reclaimed)} closed (see warnings above)" in output
+
+
+#: The shutdown's report of each connection it closed: the line of the test app that checked it out, how its task ended.
+RECLAIMED = re.compile(
+    r"closing a leaked connection checked out at \S+/server_app\.py:(\d+) .* by task '[^']+' \((\w+)\)"
+)
+
+
+def site_of(function: str) -> str:
+    """The line where ``function`` of the test app checks its connection out (its one ``execute``)."""
+    tree = ast.parse((Path(__file__).parent / "apps" / "server_app.py").read_text())
+    [node] = [n for n in tree.body if isinstance(n, ast.AsyncFunctionDef) and n.name == function]
+    calls = [n for n in ast.walk(node) if isinstance(n, ast.Call) and getattr(n.func, "attr", None) == "execute"]
+    return str(min(call.lineno for call in calls))
 
 
 @pytest.mark.parametrize("case", list(CASES))

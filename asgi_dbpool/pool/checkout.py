@@ -233,5 +233,13 @@ class Checkout:
 
     def describe(self, now: float) -> str:
         owner = self.owner
-        who = "no task" if owner is None else f"task {owner.get_name()!r}" + (" (finished)" if owner.done() else "")
+        who = "no task" if owner is None else f"task {owner.get_name()!r}" + _ended(owner)
         return f"checked out at {self.site} {now - self.since:.1f}s ago by {who}{self.context()}"
+
+
+def _ended(task: asyncio.Task[Any]) -> str:
+    """How the holder ended, for the report: a task cancelled with the connection still checked out was cut before
+    its cleanup ran (a forced exit's ``asyncio.run`` cancels every task at once, SQLAlchemy's close tasks too)."""
+    if not task.done():
+        return ""
+    return " (cancelled)" if task.cancelled() else " (finished)"

@@ -23,6 +23,7 @@ from asgi_dbpool.pool.checkout import (
     STACK_FRAMES,
     STACK_REACH,
     TASK_STEP,
+    Checkout,
     Frame,
     _is_internal,
     _user_frames,
@@ -185,3 +186,33 @@ def test_a_thread_without_user_frames_has_no_site(shape: str) -> None:
     results = _namespace["results"].pop()
     assert_same(results)
     assert [walked for walked, _ in results] == [[]] * len(LIMITS)
+
+
+def test_the_report_says_how_the_holder_ended() -> None:
+    """A leak report names the holder's task and how it ended: still running, finished, or cancelled (a forced exit
+    cancels every task, SQLAlchemy's close tasks too: a session whose close was cancelled never checks in)."""
+
+    async def main() -> list[str]:
+        async def idle() -> None:
+            await asyncio.sleep(3600)
+
+        finished = asyncio.create_task(asyncio.sleep(0), name="finished")
+        cancelled = asyncio.create_task(idle(), name="cancelled")
+        running = asyncio.create_task(idle(), name="running")
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        await asyncio.gather(finished, cancelled, return_exceptions=True)
+        try:
+            return [
+                Checkout((None, task, [], None, None, 0.0), reported=False).describe(0.0)  # type: ignore[arg-type]
+                for task in (running, finished, cancelled, None)
+            ]
+        finally:
+            running.cancel()
+
+    assert asyncio.run(main()) == [
+        "checked out at <unknown>:0 0.0s ago by task 'running'",
+        "checked out at <unknown>:0 0.0s ago by task 'finished' (finished)",
+        "checked out at <unknown>:0 0.0s ago by task 'cancelled' (cancelled)",
+        "checked out at <unknown>:0 0.0s ago by no task",
+    ]
