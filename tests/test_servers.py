@@ -101,10 +101,11 @@ async def check_clean(run: Run, server: str, case: str) -> None:
     # task at once (uvicorn's forced exit), the poller's connection if the exit caught it closing its session:
     # SQLAlchemy's close task, cancelled before it ran, never checks it in (5 runs in 150 under load)
     reclaimed = RECLAIMED.findall(output)
-    leaks = [(line, ended) for line, ended in reclaimed if line == site_of("leak")]
-    assert leaks == [(site_of("leak"), "finished")] * 2, output
-    cut = [(line, ended) for line, ended in reclaimed if line != site_of("leak")]
-    assert cut == ([(site_of("poller"), "cancelled")] * len(cut) if case == "double-sigint" else []), output
+    leak, poller = site_of("leak"), site_of("poller")
+    leaks = [(line, ended) for line, ended in reclaimed if line == leak]
+    assert leaks == [(leak, "finished")] * 2, output
+    cut = [(line, ended) for line, ended in reclaimed if line != leak]
+    assert cut == ([(poller, "cancelled")] * len(cut) if case == "double-sigint" else []), output
     assert len(cut) <= 1
     assert f"1 engine(s) disposed; leaks: {len(reclaimed)} closed (see warnings above)" in output
 
