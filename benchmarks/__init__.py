@@ -1,6 +1,7 @@
 """Benchmarks of asgi_dbpool: ``python -m benchmarks`` (see README). Ratios are measured side by side."""
 
 import os
+import sys
 
 
 def _shift_type_versions(count: int) -> None:
@@ -16,4 +17,7 @@ def _shift_type_versions(count: int) -> None:
         getattr(type(f"_Shift{number}", (), {}), "tag", None)  # a lookup gives the new type its tag
 
 
+# ``--against``: an earlier revision's package, exported by the parent, is imported instead of this tree's.
+if os.environ.get("BENCH_PACKAGE"):
+    sys.path.insert(0, os.environ["BENCH_PACKAGE"])
 _shift_type_versions(int(os.environ.get("BENCH_TYPE_SHIFT", "0")))

@@ -1,4 +1,5 @@
-"""``python -m benchmarks [--smoke] [--only NAME ...]``: what the middleware costs, side by side, in one run.
+"""``python -m benchmarks [--smoke] [--only NAME ...] [--against REV]``: what the middleware costs, side by side, in
+one run.
 
 Every figure is a ratio to a baseline measured in the same run, in interleaved rounds (the order rotates
 each round), reported as the median and the min-max over rounds. Results go to ``benchmarks/RESULTS.md``.
@@ -28,8 +29,9 @@ from sqlalchemy.engine import make_url
 
 from demo_app.embedded import EmbeddedPostgres
 
+from .against import bench_against
 from .bytecodes import bench_bytecodes
-from .instructions import bench_instructions, discard, http_receive, http_scope
+from .instructions import WORKLOADS, bench_instructions, discard, http_receive, http_scope
 from .processes import free_port, wait_for_port, wrk
 from .stats import Series, table
 
@@ -374,9 +376,22 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         choices=SECTIONS,
     )
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="also count the instructions of REV's package (a commit of this repository) beside this tree's, in the "
+        "same layouts: whether a change made a ratio worse (with --only and no name, only that)",
+    )
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=list(WORKLOADS),
+        help="the instruction workloads to run (instructions and --against); all by default",
+    )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args(argv)
-    chosen = set(args.only or SECTIONS)
+    # --only with no name: no section (with --against, only its comparison).
+    chosen = set(SECTIONS if args.only is None else args.only)
     rounds, n, seconds = (1, 200, 0.3) if args.smoke else (7, 20000, 3.0)
     sections = [
         f"# Benchmark results\n\nMachine: {environment()}.\n"
@@ -393,7 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         if "instructions" in chosen:
             add(
                 "## Instructions per operation (valgrind's callgrind; repeatable, whatever else runs)\n\n"
-                + bench_instructions(url, smoke=args.smoke)
+                + bench_instructions(url, args.workloads, smoke=args.smoke)
+            )
+        if args.against:
+            add(
+                f"## Instructions per operation against {args.against} (both packages in the same layouts)\n\n"
+                + bench_against(url, args.against, args.workloads, smoke=args.smoke)
             )
         if "bytecodes" in chosen:
             add(

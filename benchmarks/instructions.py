@@ -33,9 +33,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-# The floors run the middleware's own parts (imported here: an import in a function is paid at every call).
-from asgi_dbpool.asgi.request import InFlight, set_request
-from asgi_dbpool.pool.checkout import checkout_frames
+# The floors run the middleware's own parts (imported here: an import in a function is paid at every call). An
+# earlier revision's package (``--against``, see benchmarks.against) may have other modules: its floors are not run.
+try:
+    from asgi_dbpool.asgi.request import InFlight, set_request
+    from asgi_dbpool.pool.checkout import checkout_frames
+except ImportError:
+    pass
 
 from .processes import free_port, wait_for_port, wrk
 
@@ -281,9 +285,10 @@ async def _child(workload: str, variant: str, short: int, long: int) -> None:
         os.getppid()
 
 
-def child_env(url: str, layout: int) -> dict[str, str]:
+def child_env(url: str, layout: int, package: str | None = None) -> dict[str, str]:
     """A child's environment: the database, and the hash seed and padding that make memory layout ``layout``
-    (see :data:`LAYOUTS`)."""
+    (see :data:`LAYOUTS`); with ``package``, the folder holding the ``asgi_dbpool`` it imports instead of this
+    tree's (``--against``)."""
     return {
         **os.environ,
         "BENCH_DATABASE_URL": url,
@@ -291,6 +296,7 @@ def child_env(url: str, layout: int) -> dict[str, str]:
         "PYTHONPATH": str(ROOT),
         "BENCH_LAYOUT": "x" * (layout * LAYOUT_STEP),
         "BENCH_TYPE_SHIFT": str(layout * TYPE_SHIFT_STEP),
+        "BENCH_PACKAGE": package or "",
     }
 
 
@@ -337,13 +343,15 @@ def _get(port: int, path: str, timeout: float) -> str:
     return reply.decode().partition("\r\n\r\n")[2]
 
 
-def served_per_request(variant: str, url: str, layout: int = 0, valgrind: bool = True) -> float:
+def served_per_request(
+    variant: str, url: str, layout: int = 0, valgrind: bool = True, package: str | None = None
+) -> float:
     """Instructions the uvicorn process spends per request: wrk drives it between two checkpoints, and the
-    counts of that window are divided by the requests the app was given in it."""
+    counts of that window are divided by the requests the app was given in it (``package``: see child_env)."""
     with tempfile.TemporaryDirectory(prefix="callgrind-") as tmp:
         out = Path(tmp) / "callgrind.out"
         port = free_port()
-        env = {**child_env(url, layout), "BENCH_POOL": "10,10"}
+        env = {**child_env(url, layout, package), "BENCH_POOL": "10,10"}
         child = [sys.executable, "-m", "benchmarks.instructions", "serve", variant, str(port)]
         if valgrind:
             child = [
@@ -374,15 +382,21 @@ def served_per_request(variant: str, url: str, layout: int = 0, valgrind: bool =
 
 # -- the parent: runs the children under callgrind and reports ----------------------------------------------
 def per_operation(
-    workload: str, variant: str, url: str, layout: int = 0, short: int = SHORT, long: int = LONG
+    workload: str,
+    variant: str,
+    url: str,
+    layout: int = 0,
+    short: int = SHORT,
+    long: int = LONG,
+    package: str | None = None,
 ) -> float:
     """Instructions of one operation in memory layout ``layout``: (instructions of ``long`` operations - of
-    ``short``) / (long - short)."""
+    ``short``) / (long - short) (``package``: see :func:`child_env`)."""
     if workload == "served":
-        return served_per_request(variant, url, layout)
+        return served_per_request(variant, url, layout, package=package)
     with tempfile.TemporaryDirectory(prefix="callgrind-") as tmp:
         out = Path(tmp) / "callgrind.out"
-        env = child_env(url, layout)
+        env = child_env(url, layout, package)
         command = [
             "valgrind",
             "--tool=callgrind",
