@@ -74,3 +74,55 @@ def test_served_bytecodes_count_the_middleware_in_a_real_server(database_url: st
     # The middleware's call itself: within a bytecode of the in-process one (the scopes differ: a server's has more).
     assert abs(served["own"]["middleware.__call__"] - in_process["middleware.__call__"]) <= 1
     assert 0 < served["bytecodes"] - bare["bytecodes"] < 2 * sum(in_process.values())
+
+
+def test_against_exports_a_revision_and_its_children_import_it(database_url: str, tmp_path: Path) -> None:
+    """``--against REV``: the revision's package is exported from git, and a child given it (``BENCH_PACKAGE``)
+    imports it instead of this tree's, even one without the modules the floors use (an earlier layout); without
+    it, this tree's. A revision git does not know is a ValueError naming it."""
+    from benchmarks.against import export
+    from benchmarks.instructions import child_env
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    exported = tmp_path / "head"
+    exported.mkdir()
+    assert export("HEAD", exported) == head.stdout.strip()
+    assert (exported / "asgi_dbpool" / "asgi" / "middleware.py").is_file()
+    earlier = tmp_path / "earlier" / "asgi_dbpool"
+    earlier.mkdir(parents=True)
+    (earlier / "__init__.py").write_text("from .middleware import DBPoolMiddleware\n")
+    (earlier / "middleware.py").write_text("class DBPoolMiddleware:\n    pass\n")
+    code = "import benchmarks.instructions, benchmarks.apps, asgi_dbpool; print(asgi_dbpool.__file__)"
+    imported = {}
+    for name, package in (("head", str(exported)), ("earlier", str(earlier.parent)), ("this tree", None)):
+        env = child_env(database_url, 0, package)
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        imported[name] = Path(done.stdout.strip())
+    assert imported == {
+        "head": exported / "asgi_dbpool" / "__init__.py",
+        "earlier": earlier / "__init__.py",
+        "this tree": ROOT / "asgi_dbpool" / "__init__.py",
+    }
+    with pytest.raises(
+        ValueError, match=r"^--against 'no-such-revision': fatal: .*; give a commit of this repository\.$"
+    ):
+        export("no-such-revision", tmp_path)
+
+
+def test_against_smoke(database_url: str, tmp_path: Path) -> None:
+    """``python -m benchmarks --smoke --only --against HEAD --workloads query``: only the comparison's section, its
+    children run on both packages; nothing is written."""
+    env = {**os.environ, "BENCH_DATABASE_URL": database_url, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "benchmarks", "--smoke", "--only", "--against", "HEAD", "--workloads", "query"]
+    proc = subprocess.run(
+        [*command, "--output", str(tmp_path / "r.md")], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    sections = [line for line in proc.stdout.splitlines() if line.startswith("## ")]
+    assert sections == ["## Instructions per operation against HEAD (both packages in the same layouts)"]
+    assert (
+        f"Smoke run: every workload ran natively on {head.stdout.strip()}'s package and on this tree's" in proc.stdout
+    )
+    assert not (tmp_path / "r.md").exists()

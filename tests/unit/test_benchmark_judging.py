@@ -61,3 +61,32 @@ def test_the_instruction_table_takes_each_ratio_within_a_layout_and_judges_each_
     )
     assert "is 0.943 by itself: the target leaves 10.2 k instructions for the rest of the middleware. " in verdicts[1]
     assert "The rest, 13.0 k, is the bookkeeping" in verdicts[1]
+
+
+def test_the_comparison_with_an_earlier_revision_is_taken_within_each_layout() -> None:
+    """``--against``: made-up counts in three layouts for the revision's package and this tree's. Each ratio is taken
+    within its layout, the change too (this tree's ratio minus the revision's, in the same layout); the baseline
+    gets no row; a layout where this tree's ratio is lower is counted as worse."""
+    from benchmarks.against import compared, report
+
+    pairs = compared(["query"])
+    assert pairs == [("query", "bare"), ("query", "DBPoolMiddleware")]  # the floor is this tree's own: not compared
+    bare = [1000.0e3, 1010.0e3, 990.0e3]
+    before = [1040.0e3, 1050.0e3, 1030.0e3]  # the middleware's 40 k in each layout
+    after = [1030.0e3, 1052.0e3, 1020.0e3]  # 30 k, 42 k (worse than before in this layout) and 30 k
+    counts = {}
+    for layout in range(3):
+        counts["query", "bare", layout, False] = counts["query", "bare", layout, True] = bare[layout]
+        counts["query", "DBPoolMiddleware", layout, False] = before[layout]
+        counts["query", "DBPoolMiddleware", layout, True] = after[layout]
+    lines = report(pairs, "abc1234", counts).splitlines()
+    assert lines[0] == (
+        "| workload | variant | ratio, abc1234's package (median of 3 layouts) | ratio, this tree's "
+        "| change (median of the layouts' own) | range of the changes | layouts not worse "
+        "| instructions over the baseline (median) |"
+    )
+    # before: 0.9615, 0.9619, 0.9612; after: 0.9709, 0.9601, 0.9706; changes +0.0093, -0.0018, +0.0094
+    assert lines[2:] == [
+        "| request with one `SELECT 1` through an `AsyncSession` | DBPoolMiddleware | 0.962 | 0.971 | +0.009 "
+        "| -0.002 to +0.009 | 2 of 3 | 40.0 k -> 30.0 k |"
+    ]
