@@ -3,13 +3,16 @@
 A ratio in RESULTS.md is one draw over :data:`~benchmarks.instructions.LAYOUTS` memory layouts, and the harness
 changes too: the served ratio of the same code moves by about 0.01 between runs. Whether a change made a ratio
 worse is answered by measuring both packages with this harness, in the same layouts, in one run. The revision's
-``asgi_dbpool`` folder is exported (``git archive``) and imported by the children instead of this tree's
-(``BENCH_PACKAGE``). Every variant but the floors runs for both: the floors use this tree's own modules.
+``asgi_dbpool`` folder is exported (``git archive``), this tree's is copied beside it, and each child imports one of
+the two (``BENCH_PACKAGE``): both from paths of the same length, so that the two packages' children have the same
+environment and file names of the same lengths (both move the memory layout). Every variant but the floors runs for
+both: the floors use this tree's own modules.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -47,11 +50,15 @@ def bench_against(url: str, rev: str, workloads: list[str] | None = None, smoke:
 
     ``smoke`` runs each child once natively, for both packages (the plumbing works; nothing counted)."""
     pairs = compared(workloads)
-    with tempfile.TemporaryDirectory(prefix="bench-against-") as before:
-        commit = export(rev, Path(before))
+    with tempfile.TemporaryDirectory(prefix="bench-against-") as tmp:
+        before, now = Path(tmp) / "0", Path(tmp) / "1"
+        before.mkdir()
+        commit = export(rev, before)
+        shutil.copytree(ROOT / "asgi_dbpool", now / "asgi_dbpool", ignore=shutil.ignore_patterns("__pycache__"))
+        packages = (str(before), str(now))
         if smoke:
             for workload, variant in pairs:
-                for package in (before, None):
+                for package in packages:
                     if workload == "served":
                         served_per_request(variant, url, valgrind=False, package=package)
                         continue
@@ -63,16 +70,16 @@ def bench_against(url: str, rev: str, workloads: list[str] | None = None, smoke:
             (workload, variant, layout, package)
             for layout in range(LAYOUTS)
             for workload, variant in pairs
-            for package in (before, None)
+            for package in packages
         ]
 
-        def run(job: tuple[str, str, int, str | None]) -> float:
+        def run(job: tuple[str, str, int, str]) -> float:
             workload, variant, layout, package = job
             return per_operation(workload, variant, url, layout, package=package)
 
         with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             counts = dict(zip(jobs, pool.map(run, jobs), strict=True))
-    return report(pairs, commit, {(w, v, layout, p is None): n for (w, v, layout, p), n in counts.items()})
+    return report(pairs, commit, {(w, v, layout, p == str(now)): n for (w, v, layout, p), n in counts.items()})
 
 
 def report(pairs: list[tuple[str, str]], commit: str, counts: dict[tuple[str, str, int, bool], float]) -> str:

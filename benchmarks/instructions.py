@@ -289,15 +289,17 @@ def child_env(url: str, layout: int, package: str | None = None) -> dict[str, st
     """A child's environment: the database, and the hash seed and padding that make memory layout ``layout``
     (see :data:`LAYOUTS`); with ``package``, the folder holding the ``asgi_dbpool`` it imports instead of this
     tree's (``--against``)."""
-    return {
+    env = {
         **os.environ,
         "BENCH_DATABASE_URL": url,
         "PYTHONHASHSEED": str(layout),
         "PYTHONPATH": str(ROOT),
         "BENCH_LAYOUT": "x" * (layout * LAYOUT_STEP),
         "BENCH_TYPE_SHIFT": str(layout * TYPE_SHIFT_STEP),
-        "BENCH_PACKAGE": package or "",
     }
+    if package is not None:
+        env["BENCH_PACKAGE"] = package
+    return env
 
 
 # -- the served workload: a real uvicorn process under callgrind, driven by wrk ----------------------------------
