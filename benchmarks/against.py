@@ -15,12 +15,11 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .instructions import LAYOUTS, ROOT, WORKLOADS, _ratios, child_env, per_operation, served_per_request
+from .instructions import LAYOUTS, ROOT, WORKLOADS, _ratios, per_operation, smoke_run
 from .stats import table
 
 
@@ -59,12 +58,7 @@ def bench_against(url: str, rev: str, workloads: list[str] | None = None, smoke:
         if smoke:
             for workload, variant in pairs:
                 for package in packages:
-                    if workload == "served":
-                        served_per_request(variant, url, valgrind=False, package=package)
-                        continue
-                    command = [sys.executable, "-m", "benchmarks.instructions", "child", workload, variant, "2", "4"]
-                    env = child_env(url, 0, package)
-                    subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)
+                    smoke_run(workload, variant, url, package)
             return f"Smoke run: every workload ran natively on {commit}'s package and on this tree's; nothing counted."
         jobs = [
             (workload, variant, layout, package)

@@ -426,6 +426,16 @@ def per_operation(
         return (totals[4] - totals[3]) / (long - short)
 
 
+def smoke_run(workload: str, variant: str, url: str, package: str | None = None) -> None:
+    """One child of (``workload``, ``variant``), natively, with a handful of operations (``--smoke``: it works;
+    nothing counted; ``package``: see :func:`child_env`)."""
+    if workload == "served":
+        served_per_request(variant, url, valgrind=False, package=package)
+        return
+    command = [sys.executable, "-m", "benchmarks.instructions", "child", workload, variant, "2", "4"]
+    subprocess.run(command, cwd=ROOT, env=child_env(url, 0, package), check=True, capture_output=True)
+
+
 def bench_instructions(url: str, workloads: list[str] | None = None, smoke: bool = False) -> str:
     """A table of instructions per operation and the ratios baseline / variant, beside the targets.
 
@@ -435,12 +445,7 @@ def bench_instructions(url: str, workloads: list[str] | None = None, smoke: bool
     if smoke:
         for workload in chosen:
             for variant in WORKLOADS[workload][0]:
-                if workload == "served":
-                    served_per_request(variant, url, valgrind=False)
-                    continue
-                env = child_env(url, 0)
-                command = [sys.executable, "-m", "benchmarks.instructions", "child", workload, variant, "2", "4"]
-                subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True)
+                smoke_run(workload, variant, url)
         return "Smoke run: every workload ran natively; no instruction was counted."
     if shutil.which("valgrind") is None:
         return "valgrind is not installed (Debian: `apt-get install valgrind`); skipped."
