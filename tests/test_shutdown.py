@@ -378,6 +378,66 @@ async def returning_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     return None
 
 
+@pytest.mark.parametrize("by_server", [True, False], ids=["forced-exit", "cancelled-by-the-caller"])
+async def test_a_forced_exit_that_cuts_a_session_close_is_no_leak(
+    by_server: bool, make_engine: Callable[..., AsyncEngine], database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The shutdown matrix's rare case, made deterministic: uvicorn's forced exit (``asyncio.run``) cancels every task
+    at once, SQLAlchemy's close task of a session too, before it ran: that connection is never checked in. The
+    shutdown closes it and says the exit cut it off, not that the app leaked it. Control: the same cut when the
+    lifespan's cancellation is the caller's (a test's timeout) is reported as a leak, its holder cancelled."""
+    engine = make_engine()
+    maker = async_sessionmaker(engine)
+    closing = asyncio.Event()
+
+    async def worker() -> None:
+        async with maker() as session:
+            await session.execute(text("SELECT 1"))  # the checkout
+            closing.set()  # wakes the test before SQLAlchemy's close task, made next, runs
+
+    app = DBPoolMiddleware(Starlette(), engine)
+
+    async def callers_frame(scope: Any, receive: Any, send: Any) -> None:  # the caller's code above the middleware
+        await app(scope, receive, send)
+
+    driver = LifespanDriver(app if by_server else callers_frame)
+    caplog.set_level(logging.INFO, logger="asgi_dbpool")
+    assert await driver.startup() == {"type": "lifespan.startup.complete"}
+    task = asyncio.create_task(worker(), name="worker")
+    await closing.wait()
+    [close] = [t for t in asyncio.all_tasks() if getattr(t.get_coro(), "__qualname__", "") == "AsyncSession.close"]
+    assert driver.task is not None
+    for cancelled in (task, close, driver.task):  # all at once, as asyncio.run's forced exit does
+        cancelled.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await driver.task
+    assert driver.task.cancelled() is not by_server  # the server's cancellation ends quietly, the caller's propagates
+    assert task.cancelled()
+    assert close.cancelled()
+    line = worker.__code__.co_firstlineno + 2
+    site = f"checked out at {THIS_FILE}:{line} "
+    log = [m for m in messages(caplog) if "connection" in m or "disposed" in m]
+    if by_server:
+        assert [m.split(site)[0] for m in log] == [
+            "lifespan cancelled without a shutdown message; closing connections now",
+            "engine 'default': closing a connection the forced exit cut off before its task gave it back: ",
+            "1 engine(s) disposed; leaks: none; cut off by the forced exit: 1 closed",
+        ]
+    else:
+        assert [m.split(site)[0] for m in log] == [
+            "lifespan cancelled without a shutdown message; closing connections now",
+            "engine 'default': closing a leaked connection ",
+            "1 engine(s) disposed; leaks: 1 closed (see warnings above)",
+        ]
+    assert log[1].endswith("by task 'worker' (cancelled)"), log
+    assert [r.levelname for r in caplog.records if "closing a" in r.getMessage()] == [
+        "INFO" if by_server else "WARNING"
+    ]
+    disposed = [r.figures for r in caplog.records if getattr(r, "step", None) == "dispose"]  # type: ignore[attr-defined]
+    assert disposed == [{"engines": 1, "leaks": 0, "cut_off": 1} if by_server else {"engines": 1, "leaks": 1}]
+    assert await backends(database_url, make_engine.name_of(engine)) == 0  # type: ignore[attr-defined]
+
+
 async def test_the_server_log_check_can_fail(database_url: str) -> None:
     """The per-test check for unclean disconnects sees a client process that dies mid-transaction (the control)."""
     from tests import conftest

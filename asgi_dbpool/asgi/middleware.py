@@ -388,7 +388,7 @@ class DBPoolMiddleware:
     async def _forced_exit(self, by_server: bool) -> bool:
         """Cancelled while waiting for the server's next message: close everything; whether to end quietly (the
         server's own cancellation, its forced exit) rather than propagate the cancellation."""
-        await self.lifecycle.close_after_cancel()
+        await self.lifecycle.close_after_cancel(forced_exit=by_server)
         task = asyncio.current_task()
         if not by_server or task is None:
             return False

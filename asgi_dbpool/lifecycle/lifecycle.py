@@ -243,13 +243,14 @@ class Lifecycle(Generic[ConnectionsT]):
         self._stopped()
         return answer
 
-    async def close_after_cancel(self) -> None:
-        """The lifespan task was cancelled: :meth:`abort` in a task of its own, waited for to the end.
+    async def close_after_cancel(self, forced_exit: bool = False) -> None:
+        """The lifespan task was cancelled: :meth:`abort` in a task of its own, waited for to the end
+        (``forced_exit``: the cancellation is the server's, see :meth:`abort`).
 
         A cancel scope (anyio's, which test clients use) cancels its task again at every ``await``: closing in
         this task would be cut at its first one. The wait is bounded by the abort's own budget.
         """
-        closing = asyncio.ensure_future(self.abort())
+        closing = asyncio.ensure_future(self.abort(forced_exit))
         while not closing.done():
             try:
                 await asyncio.shield(closing)
@@ -257,9 +258,13 @@ class Lifecycle(Generic[ConnectionsT]):
                 continue
         closing.result()
 
-    async def abort(self) -> None:
+    async def abort(self, forced_exit: bool = False) -> None:
         """The server cancelled the lifespan (a forced exit, or a stop during startup): close everything now,
-        within ``min(shutdown_timeout, FORCE_EXIT_BUDGET)``."""
+        within ``min(shutdown_timeout, FORCE_EXIT_BUDGET)``.
+
+        ``forced_exit``: the cancellation is the server's own (uvicorn's second Ctrl+C: ``asyncio.run`` cancels every
+        task at once), so a connection whose holder was cancelled was cut off there, not leaked by the app.
+        """
         if self.state == "stopped":  # a startup stopped by a signal closed everything already
             return
         if self.terminating is not None:  # a SIGTERM's shutdown is under way: it closes everything
@@ -270,7 +275,7 @@ class Lifecycle(Generic[ConnectionsT]):
         logger.info("lifespan cancelled without a shutdown message; closing connections now")
         await self.connections.close_websockets(clock.drain_deadline)
         await clock.wait(self.connections.wait_websockets(), "WebSocket handlers", clock.drain_deadline)
-        await self._stop_everything(clock, logging.INFO)
+        await self._stop_everything(clock, logging.INFO, forced_exit)
 
     async def server_stops(self, code: int) -> None:
         """The server began to stop (its shutdown trigger fired): close open WebSockets with ``code``; refuse more."""
@@ -416,7 +421,7 @@ class Lifecycle(Generic[ConnectionsT]):
         self._enter_shutdown()
         await self._stop_everything(clock, logging.DEBUG)
 
-    async def _stop_everything(self, clock: ShutdownClock, level: int) -> None:
+    async def _stop_everything(self, clock: ShutdownClock, level: int, forced_exit: bool = False) -> None:
         """The forced paths' end: the app's lifespan, the monitor and registered tasks, every engine."""
         if self.inner is not None and self.inner.task is not None:
             await clock.cancel_and_wait([self.inner.task], "the wrapped app's lifespan", clock.drain_deadline)
@@ -424,7 +429,7 @@ class Lifecycle(Generic[ConnectionsT]):
             [*self._own_tasks(), *self.tasks], "the monitor and registered tasks", clock.app_deadline
         )
         try:
-            await close_engines(self.all_trackers, clock, level)
+            await close_engines(self.all_trackers, clock, level, forced_exit)
         finally:
             self._end_deferral()
         self._stopped()

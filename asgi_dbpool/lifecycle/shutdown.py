@@ -232,7 +232,9 @@ async def _taken_over_closed(trackers: Sequence[PoolTracker], deadline: float) -
     return counts
 
 
-async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, level: int = logging.INFO) -> None:
+async def close_engines(
+    trackers: Sequence[PoolTracker], clock: ShutdownClock, level: int = logging.INFO, forced_exit: bool = False
+) -> None:
     """Refuse checkouts, cancel the tasks still holding connections, close every connection, dispose all engines.
 
     Checkouts are refused first: a task that is not holding a connection at the moment of the scan must not
@@ -240,6 +242,7 @@ async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, l
     Every connection is then closed at once, each gracefully for at most :data:`CONNECTION_CLOSE_TIMEOUT`: a
     database that stopped answering costs that, not the budget, and one WARNING says so.
     ``level`` is that of the progress lines (DEBUG after a failed startup, which the server reports in one line).
+    ``forced_exit``: the server cancelled every task at once (see :meth:`PoolTracker.close_leaks`).
     """
     me = asyncio.current_task()
     take_over(trackers)  # (where the server's stop did not already)
@@ -301,7 +304,9 @@ async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, l
                         aborted={t.name: n for t, n in zip(trackers, aborted, strict=True) if n},
                     ),
                 )
-            leaks = [report for tracker in trackers for report in await tracker.close_leaks()]
+            closed = [await tracker.close_leaks(forced_exit=forced_exit) for tracker in trackers]
+            leaks = [report for reports, _ in closed for report in reports]
+            cut = [report for _, reports in closed for report in reports]
             results = await asyncio.gather(*(tracker.dispose() for tracker in trackers), return_exceptions=True)
             await _taken_over_closed(trackers, clock.deadline - TAKEN_OVER_MARGIN)  # (reclaimed leaks: closed already)
             await _reap(owners)
@@ -318,12 +323,15 @@ async def close_engines(trackers: Sequence[PoolTracker], clock: ShutdownClock, l
             logger.warning(
                 "engine %r: dispose failed: %s", tracker.name, one_line(result), extra=fields("dispose", tracker.name)
             )
+    # (cut_off only where there is one: a forced exit's count, beside the same figures as any other shutdown's)
+    figures = {"engines": len(trackers), "leaks": len(leaks), **({"cut_off": len(cut)} if cut else {})}
     logger.log(
         level,
-        "%d engine(s) disposed; leaks: %s",
+        "%d engine(s) disposed; leaks: %s%s",
         len(trackers),
         f"{len(leaks)} closed (see warnings above)" if leaks else "none",
-        extra=fields("dispose", engines=len(trackers), leaks=len(leaks)),
+        f"; cut off by the forced exit: {len(cut)} closed" if cut else "",
+        extra=fields("dispose", None, **figures),
     )
 
 

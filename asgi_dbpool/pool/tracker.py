@@ -238,15 +238,32 @@ class PoolTracker:
         return {t for t in held | self.acquisition.acquiring if t is not None and t is not current and not t.done()}
 
     # -- closing -----------------------------------------------------------------------------
-    async def close_leaks(self, only: Callable[[Checkout], bool] | None = None) -> list[str]:
-        """Hard-invalidate every connection still checked out (``only`` those it accepts), while the loop runs;
-        one WARNING each."""
+    async def close_leaks(
+        self, only: Callable[[Checkout], bool] | None = None, forced_exit: bool = False
+    ) -> tuple[list[str], list[str]]:
+        """Hard-invalidate every connection still checked out (``only`` those it accepts), while the loop runs; the
+        reports of the leaks (one WARNING each) and of the connections the forced exit cut off (one INFO line each).
+
+        At a server's forced exit (``forced_exit``: ``asyncio.run`` cancels every task at once) a holder that was
+        cancelled had no chance to give its connection back: SQLAlchemy's own close task, cancelled before it ran,
+        never checks it in. That connection was cut off, not leaked by the app's code.
+        """
         now = time.perf_counter()
         leaks = [c for c in self.checkouts.values() if only is None or only(c)]
-        reports = []
+        reports: tuple[list[str], list[str]] = ([], [])
         for leak in leaks:
             text = leak.describe(now)
-            reports.append(text)
+            owner = leak.owner
+            if forced_exit and owner is not None and owner.cancelled():
+                reports[1].append(text)
+                logger.info(
+                    "engine %r: closing a connection the forced exit cut off before its task gave it back: %s",
+                    self.name,
+                    text,
+                    extra=fields("reclaim", self.name, site=leak.site, cut_off=True),
+                )
+                continue
+            reports[0].append(text)
             logger.warning(
                 "engine %r: closing a leaked connection %s",
                 self.name,
