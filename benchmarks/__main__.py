@@ -31,7 +31,7 @@ from demo_app.embedded import EmbeddedPostgres
 
 from .against import bench_against
 from .bytecodes import bench_bytecodes
-from .instructions import WORKLOADS, bench_instructions, discard, http_receive, http_scope
+from .instructions import LAYOUTS, WORKLOADS, bench_instructions, discard, http_receive, http_scope
 from .processes import free_port, wait_for_port, wrk
 from .stats import Series, table
 
@@ -368,6 +368,17 @@ def environment() -> str:
     return f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}; {libs}"
 
 
+def layout_count(text: str) -> int:
+    """``--layouts``' value: a whole number of layouts, at least 1."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of memory layouts; give a whole number, 1 or more")
+    return count
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="one tiny round of each (for the test suite)")
@@ -387,6 +398,14 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         choices=list(WORKLOADS),
         help="the instruction workloads to run (instructions and --against); all by default",
+    )
+    parser.add_argument(
+        "--layouts",
+        type=layout_count,
+        default=LAYOUTS,
+        metavar="N",
+        help=f"memory layouts each instruction count is taken in (instructions and --against; default {LAYOUTS}): "
+        "more layouts narrow the medians' spread, each costs one more run of every child",
     )
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args(argv)
@@ -408,12 +427,12 @@ def main(argv: list[str] | None = None) -> int:
         if "instructions" in chosen:
             add(
                 "## Instructions per operation (valgrind's callgrind; repeatable, whatever else runs)\n\n"
-                + bench_instructions(url, args.workloads, smoke=args.smoke)
+                + bench_instructions(url, args.workloads, smoke=args.smoke, layouts=args.layouts)
             )
         if args.against:
             add(
                 f"## Instructions per operation against {args.against} (both packages in the same layouts)\n\n"
-                + bench_against(url, args.against, args.workloads, smoke=args.smoke)
+                + bench_against(url, args.against, args.workloads, smoke=args.smoke, layouts=args.layouts)
             )
         if "bytecodes" in chosen:
             add(

@@ -44,8 +44,11 @@ def compared(workloads: list[str] | None = None) -> list[tuple[str, str]]:
     ]
 
 
-def bench_against(url: str, rev: str, workloads: list[str] | None = None, smoke: bool = False) -> str:
-    """A table of the ratios of ``rev``'s package and of this tree's, per (workload, variant), in the same layouts.
+def bench_against(
+    url: str, rev: str, workloads: list[str] | None = None, smoke: bool = False, layouts: int = LAYOUTS
+) -> str:
+    """A table of the ratios of ``rev``'s package and of this tree's, per (workload, variant), in the same
+    ``layouts`` layouts (0 to ``layouts - 1``).
 
     ``smoke`` runs each child once natively, for both packages (the plumbing works; nothing counted)."""
     pairs = compared(workloads)
@@ -62,7 +65,7 @@ def bench_against(url: str, rev: str, workloads: list[str] | None = None, smoke:
             return f"Smoke run: every workload ran natively on {commit}'s package and on this tree's; nothing counted."
         jobs = [
             (workload, variant, layout, package)
-            for layout in range(LAYOUTS)
+            for layout in range(layouts)
             for workload, variant in pairs
             for package in packages
         ]

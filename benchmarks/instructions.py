@@ -436,8 +436,11 @@ def smoke_run(workload: str, variant: str, url: str, package: str | None = None)
     subprocess.run(command, cwd=ROOT, env=child_env(url, 0, package), check=True, capture_output=True)
 
 
-def bench_instructions(url: str, workloads: list[str] | None = None, smoke: bool = False) -> str:
-    """A table of instructions per operation and the ratios baseline / variant, beside the targets.
+def bench_instructions(
+    url: str, workloads: list[str] | None = None, smoke: bool = False, layouts: int = LAYOUTS
+) -> str:
+    """A table of instructions per operation and the ratios baseline / variant, beside the targets, in ``layouts``
+    memory layouts (0 to ``layouts - 1``).
 
     ``smoke`` runs each child once natively with a handful of operations (the workloads work; nothing counted).
     """
@@ -451,7 +454,7 @@ def bench_instructions(url: str, workloads: list[str] | None = None, smoke: bool
         return "valgrind is not installed (Debian: `apt-get install valgrind`); skipped."
     jobs = [
         (workload, variant, layout)
-        for layout in range(LAYOUTS)
+        for layout in range(layouts)
         for workload in chosen
         for variant in WORKLOADS[workload][0]
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_a_missed_target_is_judged_by_its_floor() -> None:
     """The verdict under the instruction table: a floor below the target proves it out of reach with the features
@@ -90,3 +92,20 @@ def test_the_comparison_with_an_earlier_revision_is_taken_within_each_layout() -
         "| request with one `SELECT 1` through an `AsyncSession` | DBPoolMiddleware | 0.962 | 0.971 | +0.009 "
         "| -0.002 to +0.009 | 2 of 3 | 40.0 k -> 30.0 k |"
     ]
+
+
+def test_the_number_of_layouts_is_a_whole_number_of_one_or_more(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--layouts N`` (instructions and ``--against``): more layouts narrow the medians' spread; a value that is not
+    a count of layouts stops the run before anything starts, naming the value."""
+    from benchmarks.__main__ import layout_count, main
+
+    assert layout_count("12") == 12
+    for value in ("0", "-3", "five", "2.5"):
+        with pytest.raises(SystemExit) as stopped:
+            main(["--only", "--layouts", value])
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert error == (
+            f"python -m benchmarks: error: argument --layouts: {value!r} is not a number of memory layouts; "
+            "give a whole number, 1 or more"
+        )
